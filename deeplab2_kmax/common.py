@@ -1,0 +1,79 @@
+"""String keys shared by data, model, loss, evaluation and export.
+
+Every dictionary key that crosses a module boundary is defined here once (and pinned by
+tests/test_common.py), so a rename is a reviewed change. Values equal DeepLab2's where the
+concept is the same, so DeepLab2 TFRecords and habits carry over.
+"""
+
+# ---- TFRecord feature keys (DeepLab2's data format, reference §6.2) ----
+KEY_ENCODED_IMAGE = 'image/encoded'
+KEY_IMAGE_FILENAME = 'image/filename'
+KEY_IMAGE_FORMAT = 'image/format'
+KEY_IMAGE_HEIGHT = 'image/height'
+KEY_IMAGE_WIDTH = 'image/width'
+KEY_IMAGE_CHANNELS = 'image/channels'
+KEY_ENCODED_LABEL = 'image/segmentation/class/encoded'
+KEY_LABEL_FORMAT = 'image/segmentation/class/format'
+
+# ---- Decoded example keys (output of data/tfrecord.py) ----
+IMAGE = 'image'
+LABEL = 'label'
+IMAGE_NAME = 'image_name'
+HEIGHT = 'height'
+WIDTH = 'width'
+
+# ---- Training / eval sample keys (output of data/sample_generator.py) ----
+GT_PANOPTIC = 'panoptic_gt'
+GT_SEMANTIC = 'semantic_gt'
+GT_IS_CROWD = 'is_crowd_gt'
+GT_THING_ID_MASK = 'thing_id_mask_gt'
+GT_THING_ID_CLASS = 'thing_id_class_gt'
+SEMANTIC_LOSS_WEIGHT = 'semantic_loss_weight'
+RESIZED_IMAGE = 'resized_image'
+GT_SIZE_RAW = 'size_raw'
+GT_PANOPTIC_RAW = 'panoptic_raw'
+GT_SEMANTIC_RAW = 'semantic_raw'
+GT_IS_CROWD_RAW = 'is_crowd_raw'
+
+# ---- Model outputs ----
+PRED_PANOPTIC = 'panoptic_pred'
+PRED_SEMANTIC = 'semantic_pred'
+PRED_INSTANCE = 'instance_pred'
+PRED_INSTANCE_SCORES = 'instance_scores'
+PRED_SEMANTIC_SCORES = 'semantic_scores'
+PRED_SEMANTIC_LOGITS = 'semantic_logits'
+PRED_PIXEL_SPACE_NORMALIZED_FEATURE = 'pixel_space_normalized_feature'
+PRED_PIXEL_SPACE_MASK_LOGITS = 'pixel_space_mask_logits'
+PRED_TRANSFORMER_CLASS_LOGITS = 'transformer_class_logits'
+PRED_AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
+
+# ---- Loss names ----
+SEMANTIC_LOSS = 'semantic_loss'
+PQ_STYLE_LOSS = 'pq_style_loss'
+PQ_STYLE_LOSS_CLASS_TERM = 'pq_style_loss_class_term'
+PQ_STYLE_LOSS_MASK_DICE_TERM = 'pq_style_loss_mask_dice_term'
+MASK_ID_CROSS_ENTROPY_LOSS = 'mask_id_cross_entropy_loss'
+INSTANCE_DISCRIMINATION_LOSS = 'instance_discrimination_loss'
+REFERENCE_MASK_LOSS = 'reference_mask_loss'
+TOTAL_LOSS = 'total_loss'
+
+# ---- Meta-architectures (members of ModelOptions.meta_architecture) ----
+META_KMAX = 'kmax'
+META_CMT = 'cmt'
+META_MAX_DEEPLAB = 'max_deeplab'
+
+# ---- Post-processing modes ----
+POST_PROCESSING_PIXELWISE = 'pixelwise'
+POST_PROCESSING_MASKWISE = 'maskwise'
+
+# ---- Checkpoint item names ----
+CKPT_ENCODER = 'encoder'
+CKPT_PIXEL_DECODER = 'pixel_decoder'
+CKPT_TRANSFORMER_DECODER = 'transformer_decoder'
+CKPT_SEMANTIC_DECODER = 'semantic_decoder'
+CKPT_SEMANTIC_LAST_LAYER = 'semantic_last_layer'
+CKPT_TRANSFORMER_CLASS_HEAD = 'transformer_class_head'
+
+# ---- Environment variables ----
+ENV_SYNTHETIC_DATA_DIR = 'SYNTHETIC_DATA_DIR'
+ENV_CACHE_DIR = 'DEEPLAB2_KMAX_CACHE'
