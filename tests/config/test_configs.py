@@ -1,0 +1,232 @@
+"""Every config under configs/ loads and validates; the kMaX recipes carry DeepLab2's values.
+
+Configs are found by glob, so a new file is covered without editing this test. Each `${VAR}` a
+file references is set to a dummy value through the loader's `environ` argument.
+"""
+
+import pathlib
+import re
+
+import pytest
+
+from deeplab2_kmax.config import loader
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+ALL_CONFIGS = sorted(CONFIG_DIR.rglob('*.textproto'))
+
+_BACKBONES = ('r50', 'axial_r50', 'convnext_tiny', 'convnext_small', 'convnext_base',
+              'convnext_large')
+# DeepLab2's kMaX recipes (configs/*/kmax_deeplab/), by file name.
+RECIPES = (
+    [f'coco/kmax_deeplab/kmax_meta_{b}_os32.textproto' for b in _BACKBONES]
+    + [f'cityscapes/kmax_deeplab/kmax_meta_{b}_os32.textproto' for b in _BACKBONES]
+    + [f'ade20k/kmax_deeplab/kmax_meta_{b}_os32{r}.textproto'
+       for b in ('r50', 'convnext_large') for r in ('', '_res1281')])
+
+_VARIABLE = re.compile(r'\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}')
+
+
+def dummy_environ(path: pathlib.Path) -> dict[str, str]:
+  """A dummy value for every ${VAR} the file mentions (comments too: extras do no harm)."""
+  names = _VARIABLE.findall(path.read_text(encoding='utf-8'))
+  return {name: f'/dummy/{name.lower()}' for name in names}
+
+
+def load(relative_path: str):
+  path = CONFIG_DIR / relative_path
+  return loader.load_config(str(path), environ=dummy_environ(path))
+
+
+def field(message, dotted: str):
+  """Value at a dotted path; repeated fields come back as lists."""
+  for name in dotted.split('.'):
+    message = getattr(message, name)
+  return message if isinstance(message, (str, bytes, bool, int, float)) else list(message)
+
+
+def _id(path: pathlib.Path) -> str:
+  return str(path.relative_to(CONFIG_DIR))
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS, ids=_id)
+def test_config_loads_and_validates(path):
+  config = loader.load_config(str(path), environ=dummy_environ(path))
+  assert config.experiment_name
+  for options in (config.train_dataset_options, config.eval_dataset_options):
+    for pattern in options.file_pattern:
+      assert '${' not in pattern and pattern.startswith('/dummy/'), pattern
+
+
+def test_config_set_is_the_kmax_recipes_plus_synthetic():
+  found = {_id(path) for path in ALL_CONFIGS}
+  synthetic = {name for name in found if name.startswith('synthetic/')}
+  assert synthetic, 'no synthetic config under configs/synthetic/'
+  assert found - synthetic == set(RECIPES)
+
+
+def test_experiment_names_are_unique():
+  names = [load(_id(path)).experiment_name for path in ALL_CONFIGS]
+  assert len(names) == len(set(names))
+
+
+# Key values of DeepLab2's recipes (reference: deeplab2-architecture.md sections 2.7 and 2.8).
+_COCO = {
+    'train_dataset_options.dataset': 'coco_panoptic',
+    'model_options.kmax.num_cluster_centers': 128,
+    'model_options.kmax.high_resolution_output_stride': 4,
+    'model_options.kmax.use_auxiliary_semantic_decoder': True,
+    'model_options.kmax.transformer_decoder_drop_path_keep_prob': 0.8,
+    'model_options.kmax.auxiliary_semantic_head.output_channels': 134,
+    'model_options.kmax.instance_discrimination_sample_k': 4096,
+    'model_options.kmax.instance_discrimination_sample_temperature': 1.5,
+    'train_dataset_options.crop_size': [1281, 1281],
+    'train_dataset_options.min_resize_value': [1281],
+    'train_dataset_options.max_resize_value': [1281],
+    'train_dataset_options.batch_size': 64,
+    'train_dataset_options.max_thing_id': 128,
+    'train_dataset_options.increase_small_instance_weights': False,
+    'train_dataset_options.augmentations.min_scale_factor': 0.3,
+    'train_dataset_options.augmentations.max_scale_factor': 1.7,
+    'train_dataset_options.augmentations.autoaugment_policy_name': 'simple_classification_policy',
+    'train_dataset_options.augmentations.panoptic_copy_paste.panoptic_copy_paste_scale': 0.5,
+    'trainer_options.solver_options.base_learning_rate': 5e-4,
+    'trainer_options.solver_options.training_number_of_steps': 150000,
+    'trainer_options.loss_options.semantic_loss.top_k_percent': 1.0,
+    'evaluator_options.thing_area_limit': 400,
+    'evaluator_options.stuff_area_limit': 6400,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_thing': 0.7,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_stuff': 0.5,
+    'evaluator_options.maskwise_postprocessing.overlapping_threshold': 0.8,
+    'evaluator_options.maskwise_postprocessing.reorder_mask_weight': 1.0,
+}
+_CITYSCAPES = {
+    'train_dataset_options.dataset': 'cityscapes_panoptic',
+    'model_options.kmax.num_cluster_centers': 256,
+    'model_options.kmax.high_resolution_output_stride': 2,
+    'model_options.kmax.pixel_decoder.dims': [512, 256, 128, 64, 32],
+    'model_options.kmax.pixel_decoder.num_blocks': [1, 5, 1, 1, 1],
+    'model_options.kmax.use_auxiliary_semantic_decoder': False,
+    'model_options.kmax.transformer_decoder_drop_path_keep_prob': 0.8,
+    'model_options.kmax.auxiliary_semantic_head.output_channels': 19,
+    'model_options.kmax.instance_discrimination_sample_k': 4096,
+    'model_options.kmax.instance_discrimination_sample_temperature': 0.6,
+    'train_dataset_options.crop_size': [1025, 2049],
+    'eval_dataset_options.crop_size': [1025, 2049],
+    'train_dataset_options.batch_size': 32,
+    'train_dataset_options.max_thing_id': 256,
+    'train_dataset_options.increase_small_instance_weights': True,
+    'train_dataset_options.small_instance_weight': 3.0,
+    'train_dataset_options.augmentations.min_scale_factor': 0.5,
+    'train_dataset_options.augmentations.max_scale_factor': 2.0,
+    'train_dataset_options.augmentations.autoaugment_policy_name':
+        'simple_classification_policy_magnitude_scale_0.2',
+    'trainer_options.solver_options.base_learning_rate': 3e-4,
+    'trainer_options.solver_options.training_number_of_steps': 60000,
+    'trainer_options.loss_options.semantic_loss.top_k_percent': 0.2,
+    'evaluator_options.thing_area_limit': 256,
+    'evaluator_options.stuff_area_limit': 2048,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_thing': 0.5,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_stuff': 0.3,
+    'evaluator_options.maskwise_postprocessing.overlapping_threshold': 0.9,
+    'evaluator_options.maskwise_postprocessing.reorder_mask_weight': 0.0,
+}
+_ADE20K = {
+    'train_dataset_options.dataset': 'ade20k_panoptic',
+    'model_options.kmax.num_cluster_centers': 128,
+    'model_options.kmax.high_resolution_output_stride': 4,
+    'model_options.kmax.use_auxiliary_semantic_decoder': True,
+    'model_options.kmax.transformer_decoder_drop_path_keep_prob': 1.0,
+    'model_options.kmax.auxiliary_semantic_head.output_channels': 151,
+    'model_options.kmax.instance_discrimination_sample_temperature': 1.5,
+    'train_dataset_options.batch_size': 64,
+    'train_dataset_options.max_thing_id': 256,
+    'train_dataset_options.augmentations.min_scale_factor': 0.5,
+    'train_dataset_options.augmentations.max_scale_factor': 2.0,
+    'trainer_options.solver_options.base_learning_rate': 5e-4,
+    'trainer_options.solver_options.training_number_of_steps': 100000,
+    'evaluator_options.thing_area_limit': 0,
+    'evaluator_options.stuff_area_limit': 0,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_thing': 0.4,
+    'evaluator_options.maskwise_postprocessing.transformer_class_confidence_threshold_stuff': 0.4,
+}
+_ADE20K_641 = dict(_ADE20K, **{
+    'train_dataset_options.crop_size': [641, 641],
+    'eval_dataset_options.crop_size': [641, 641],
+    'model_options.kmax.instance_discrimination_sample_k': 1024,
+})
+_ADE20K_1281 = dict(_ADE20K, **{
+    'train_dataset_options.crop_size': [1281, 1281],
+    'eval_dataset_options.crop_size': [1281, 1281],
+    'model_options.kmax.instance_discrimination_sample_k': 4096,
+})
+EXPECTED = {
+    'coco/kmax_deeplab/kmax_meta_r50_os32.textproto': _COCO,
+    'coco/kmax_deeplab/kmax_meta_convnext_large_os32.textproto': _COCO,
+    'cityscapes/kmax_deeplab/kmax_meta_r50_os32.textproto': _CITYSCAPES,
+    'cityscapes/kmax_deeplab/kmax_meta_convnext_tiny_os32.textproto': _CITYSCAPES,
+    'ade20k/kmax_deeplab/kmax_meta_r50_os32.textproto': _ADE20K_641,
+    'ade20k/kmax_deeplab/kmax_meta_convnext_large_os32_res1281.textproto': _ADE20K_1281,
+}
+
+
+@pytest.mark.parametrize('relative_path', sorted(EXPECTED))
+def test_recipe_values(relative_path):
+  config = load(relative_path)
+  for dotted, expected in EXPECTED[relative_path].items():
+    actual = field(config, dotted)
+    if isinstance(expected, float):
+      assert actual == pytest.approx(expected), dotted
+    else:
+      assert actual == expected, dotted
+
+
+# Encoder drop-path keep probability of each recipe.
+_DROP_PATH = {
+    'coco': {'r50': 1.0, 'axial_r50': 0.8, 'convnext_tiny': 0.7, 'convnext_small': 0.6,
+             'convnext_base': 0.5, 'convnext_large': 0.4},
+    'cityscapes': {'r50': 1.0, 'axial_r50': 0.8, 'convnext_tiny': 0.8, 'convnext_small': 0.7,
+                   'convnext_base': 0.6, 'convnext_large': 0.4},
+    'ade20k': {'r50': 1.0, 'convnext_large': 0.3},
+}
+_ENCODER_NAMES = {'r50': 'resnet50', 'axial_r50': 'axial_resnet50'}
+
+
+@pytest.mark.parametrize('relative_path', RECIPES)
+def test_recipe_encoder(relative_path):
+  dataset = relative_path.split('/')[0]
+  backbone = re.fullmatch(r'kmax_meta_(\w+?)_os32(_res1281)?\.textproto',
+                          pathlib.Path(relative_path).name).group(1)
+  config = load(relative_path)
+  options = config.model_options
+  assert options.backbone.name == _ENCODER_NAMES.get(backbone, backbone)
+  assert options.backbone.drop_path_keep_prob == pytest.approx(_DROP_PATH[dataset][backbone])
+  if backbone.startswith('convnext'):
+    # ConvNeXt loads converted ImageNet weights into the encoder only.
+    assert options.backbone.pretrained_weights == '/dummy/pretrained_weights'
+    assert not options.HasField('initial_checkpoint')
+  else:
+    assert options.initial_checkpoint == '/dummy/init_checkpoint'
+    assert not options.backbone.HasField('pretrained_weights')
+
+
+def _recipe_without_encoder(relative_path):
+  """The recipe with its encoder-specific fields (and the run name) cleared."""
+  config = load(relative_path)
+  config.ClearField('experiment_name')
+  config.model_options.ClearField('initial_checkpoint')
+  for name in ('name', 'drop_path_keep_prob', 'pretrained_weights'):
+    config.model_options.backbone.ClearField(name)
+  return config
+
+
+@pytest.mark.parametrize('dataset', ['coco', 'cityscapes', 'ade20k'])
+def test_recipes_of_a_dataset_differ_only_in_the_encoder(dataset):
+  by_resolution = {}
+  for relative_path in RECIPES:
+    if relative_path.startswith(dataset + '/'):
+      key = relative_path.endswith('_res1281.textproto')
+      by_resolution.setdefault(key, []).append(relative_path)
+  for paths in by_resolution.values():
+    first = _recipe_without_encoder(paths[0])
+    for other in paths[1:]:
+      assert _recipe_without_encoder(other) == first, f'{other} differs from {paths[0]}'
