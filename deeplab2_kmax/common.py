@@ -30,6 +30,8 @@ GT_THING_ID_MASK = 'thing_id_mask_gt'
 GT_THING_ID_CLASS = 'thing_id_class_gt'
 SEMANTIC_LOSS_WEIGHT = 'semantic_loss_weight'
 RESIZED_IMAGE = 'resized_image'
+# int32 [2]: image size after resize-to-range, before padding to the crop (eval only).
+RESIZED_SIZE = 'resized_size'
 GT_SIZE_RAW = 'size_raw'
 GT_PANOPTIC_RAW = 'panoptic_raw'
 GT_SEMANTIC_RAW = 'semantic_raw'

@@ -15,6 +15,7 @@ names cannot clash with other libraries' `model.proto`.
 
 import os
 import pathlib
+import subprocess
 import sys
 
 VIRTUAL_DIR = 'deeplab2_kmax/protos'
@@ -29,16 +30,18 @@ def generate(output_root: pathlib.Path) -> list[pathlib.Path]:
   Returns:
     The paths written.
   """
-  from grpc_tools import protoc  # pylint: disable=g-import-not-at-top
   (output_root / VIRTUAL_DIR).mkdir(parents=True, exist_ok=True)
-  args = [
-      'protoc',
+  # A separate process: grpc_tools' compiler extension crashes when loaded into a process that
+  # already holds TensorFlow's copy of the protobuf C++ library.
+  command = [
+      sys.executable, '-m', 'grpc_tools.protoc',
       f'--proto_path={VIRTUAL_DIR}={PROTO_SOURCE_DIR}',
       f'--python_out={output_root}',
   ] + [f'{VIRTUAL_DIR}/{name}.proto' for name in PROTO_NAMES]
-  status = protoc.main(args)
-  if status != 0:
-    raise RuntimeError(f'protoc failed with status {status} on {PROTO_SOURCE_DIR}')
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    raise RuntimeError(f'protoc failed on {PROTO_SOURCE_DIR} (is grpcio-tools installed?): '
+                       f'{result.stderr.strip()}')
   return [output_root / VIRTUAL_DIR / f'{name}_pb2.py' for name in PROTO_NAMES]
 
 
