@@ -1,0 +1,30 @@
+"""Pins the string keys other tools and DeepLab2 data depend on: a rename must be deliberate."""
+
+from deeplab2_kmax import common
+
+
+def test_tfrecord_keys_equal_deeplab2():
+  assert (common.KEY_ENCODED_IMAGE, common.KEY_IMAGE_FILENAME, common.KEY_IMAGE_FORMAT,
+          common.KEY_IMAGE_HEIGHT, common.KEY_IMAGE_WIDTH, common.KEY_IMAGE_CHANNELS,
+          common.KEY_ENCODED_LABEL, common.KEY_LABEL_FORMAT) == (
+              'image/encoded', 'image/filename', 'image/format', 'image/height', 'image/width',
+              'image/channels', 'image/segmentation/class/encoded',
+              'image/segmentation/class/format')
+
+
+def test_sample_and_prediction_keys():
+  assert (common.GT_SEMANTIC, common.GT_PANOPTIC, common.GT_THING_ID_MASK,
+          common.GT_THING_ID_CLASS, common.GT_IS_CROWD, common.SEMANTIC_LOSS_WEIGHT) == (
+              'semantic_gt', 'panoptic_gt', 'thing_id_mask_gt', 'thing_id_class_gt',
+              'is_crowd_gt', 'semantic_loss_weight')
+  assert (common.PRED_SEMANTIC_LOGITS, common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE,
+          common.PRED_PIXEL_SPACE_MASK_LOGITS, common.PRED_TRANSFORMER_CLASS_LOGITS,
+          common.PRED_AUXILIARY_OUTPUTS) == (
+              'semantic_logits', 'pixel_space_normalized_feature', 'pixel_space_mask_logits',
+              'transformer_class_logits', 'auxiliary_outputs_pred')
+
+
+def test_keys_are_unique():
+  values = [v for k, v in vars(common).items() if k.isupper() and isinstance(v, str)]
+  duplicates = {v for v in values if values.count(v) > 1}
+  assert not duplicates
