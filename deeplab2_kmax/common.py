@@ -79,3 +79,15 @@ CKPT_TRANSFORMER_CLASS_HEAD = 'transformer_class_head'
 # ---- Environment variables ----
 ENV_SYNTHETIC_DATA_DIR = 'SYNTHETIC_DATA_DIR'
 ENV_CACHE_DIR = 'DEEPLAB2_KMAX_CACHE'
+
+# ---- Evaluation ----
+# Keys of the panoptic-quality results (the JSON written by evaluation.coco_panoptic).
+PQ_ALL = 'All'
+PQ_THINGS = 'Things'
+PQ_STUFF = 'Stuff'
+PER_CLASS = 'per_class'  # per-category values of PQ and mIoU results
+MIOU = 'miou'
+PQ = 'pq'
+SQ = 'sq'
+RQ = 'rq'
+PQ_NUM_CATEGORIES = 'n'

@@ -1,0 +1,1 @@
+"""Evaluation: panoptic quality with official-script semantics, official formats, mask AP, mIoU."""
