@@ -128,7 +128,9 @@ def linear_sum_assignment(cost: tf.Tensor) -> tf.Tensor:
       tf.stack([tf.repeat(tf.range(batch), size), tf.reshape(column_to_row, [-1])], axis=1),
       tf.tile(tf.range(size), [batch]), tf.stack([batch, size]))
   row_to_column = row_to_column[:, :rows]
-  return tf.where(row_to_column < cols, row_to_column, -tf.ones_like(row_to_column))
+  row_to_column = tf.where(row_to_column < cols, row_to_column, -tf.ones_like(row_to_column))
+  row_to_column.set_shape(cost.shape[:2])
+  return row_to_column
 
 
 def hungarian_matching(cost: tf.Tensor) -> tf.Tensor:
