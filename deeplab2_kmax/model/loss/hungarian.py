@@ -20,6 +20,13 @@ by less than that.
 import tensorflow as tf
 
 
+def _keep_shapes(new, old):
+  """Restores static shapes that some ops (scatter, where) lose, as tf.while_loop requires."""
+  for new_tensor, old_tensor in zip(new, old):
+    new_tensor.set_shape(old_tensor.shape)
+  return new
+
+
 def _solve_square(cost: tf.Tensor) -> tf.Tensor:
   """Solves square problems.
 
@@ -42,6 +49,7 @@ def _solve_square(cost: tf.Tensor) -> tf.Tensor:
 
   def phase(row, u, v, p):
     """Adds `row` (1-based) to the matching of every batch element."""
+    state = (u, v, p)
     p = tf.concat([tf.fill([batch, 1], row), p[:, 1:]], axis=1)
     j0 = tf.zeros([batch], tf.int32)
     minv = tf.fill([batch, n + 1], inf)
@@ -52,7 +60,8 @@ def _solve_square(cost: tf.Tensor) -> tf.Tensor:
     def grow_cond(active, *unused):
       return tf.reduce_any(active)
 
-    def grow_body(active, j0, u, v, minv, way, used):
+    def grow_body(*state):
+      active, j0, u, v, minv, way, used = state
       used = tf.logical_or(used, tf.logical_and(
           active[:, None], tf.equal(column_index[None, :], j0[:, None])))
       i0 = tf.gather(p, j0, batch_dims=1)
@@ -75,7 +84,7 @@ def _solve_square(cost: tf.Tensor) -> tf.Tensor:
       minv = tf.where(used, minv, minv - delta[:, None])
       j0 = tf.where(active, j1, j0)
       active = tf.logical_and(active, tf.not_equal(tf.gather(p, j0, batch_dims=1), 0))
-      return active, j0, u, v, minv, way, used
+      return _keep_shapes((active, j0, u, v, minv, way, used), state)
 
     _, j0, u, v, _, way, _ = tf.while_loop(
         grow_cond, grow_body, (active, j0, u, v, minv, way, used))
@@ -84,14 +93,15 @@ def _solve_square(cost: tf.Tensor) -> tf.Tensor:
       return tf.reduce_any(j0 > 0)
 
     def flip_body(j0, p):
+      p_in = p
       j1 = tf.gather(way, j0, batch_dims=1)
       # Elements already back at the start node rewrite p[0] with itself.
       p = tf.tensor_scatter_nd_update(
           p, tf.stack([batch_index, j0], axis=1), tf.gather(p, j1, batch_dims=1))
-      return j1, p
+      return _keep_shapes((j1, p), (j0, p_in))
 
     _, p = tf.while_loop(flip_cond, flip_body, (j0, p))
-    return row + 1, u, v, p
+    return (row + 1,) + _keep_shapes((u, v, p), state)
 
   u = tf.zeros([batch, n + 1], dtype)
   v = tf.zeros([batch, n + 1], dtype)
