@@ -40,9 +40,10 @@ def resize_nearest(maps: tf.Tensor, resized_size: tf.Tensor, raw_size: tf.Tensor
   resized_size = tf.cast(resized_size, tf.int32)
   raw_size = tf.cast(raw_size, tf.int32)
   out_h, out_w = tf.reduce_max(raw_size[:, 0]), tf.reduce_max(raw_size[:, 1])
-  rows = tf.cast(tf.round(_source_coordinates(raw_size[:, 0], resized_size[:, 0], out_h)),
+  # Halves round up (as TF's align-corners nearest resize does), not to even.
+  rows = tf.cast(tf.floor(_source_coordinates(raw_size[:, 0], resized_size[:, 0], out_h) + 0.5),
                  tf.int32)
-  cols = tf.cast(tf.round(_source_coordinates(raw_size[:, 1], resized_size[:, 1], out_w)),
+  cols = tf.cast(tf.floor(_source_coordinates(raw_size[:, 1], resized_size[:, 1], out_w) + 0.5),
                  tf.int32)
   rows = tf.clip_by_value(rows, 0, tf.shape(maps)[1] - 1)
   cols = tf.clip_by_value(cols, 0, tf.shape(maps)[2] - 1)
