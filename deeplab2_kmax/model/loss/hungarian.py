@@ -115,7 +115,8 @@ def linear_sum_assignment(cost: tf.Tensor) -> tf.Tensor:
   """Minimum-cost assignment of rows to columns, batched.
 
   Args:
-    cost: float [batch, rows, cols] (float32 or float64; finite values).
+    cost: float [batch, rows, cols] (float32 or float64). Non-finite entries count as the
+      problem's largest finite |cost|.
 
   Returns:
     int32 [batch, rows]: the column assigned to each row, -1 for the rows left unassigned when
@@ -128,6 +129,12 @@ def linear_sum_assignment(cost: tf.Tensor) -> tf.Tensor:
     cost = tf.cast(cost, tf.float32)
   if cost.dtype in (tf.float16, tf.bfloat16):
     cost = tf.cast(cost, tf.float32)
+  # A NaN or Inf entry would stall the search (no finite reduced cost to step to); such
+  # entries get the largest finite cost of their problem instead, so the solver always ends.
+  finite = tf.math.is_finite(cost)
+  largest = tf.reduce_max(tf.where(finite, tf.abs(cost), tf.zeros_like(cost)), axis=[1, 2],
+                          keepdims=True)
+  cost = tf.where(finite, cost, largest)
   rows = tf.shape(cost)[1]
   cols = tf.shape(cost)[2]
   size = tf.maximum(rows, cols)

@@ -15,7 +15,8 @@ pq_style_loss_mask_dice_term, mask_id_cross_entropy_loss, instance_discriminatio
 the final output and, prefixed 'aux_{i}', for each auxiliary output), semantic_loss (final
 only), total_loss (their sum) and non_finite_loss_count. A term that is NaN or Inf for an
 example is replaced by 0 in the dict and the total, and counted in non_finite_loss_count so the
-trainer can report it (or skip the step).
+trainer can report it. The gradient of such a term can still hold NaN (0 times a NaN local
+derivative), so a trainer should skip the update when the count is non-zero.
 
 The matching is computed once on the final output and reused for the auxiliary outputs, as are
 the class-term and dice-term weights. Everything is computed in float32, whatever the model's

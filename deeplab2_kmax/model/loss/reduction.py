@@ -21,8 +21,14 @@ def mean_over_nonzero(losses: tf.Tensor, top_k_percent: float = 1.0) -> tf.Tenso
     raise ValueError(f'top_k_percent must lie in (0, 1], got {top_k_percent}.')
   losses = tf.reshape(losses, [tf.shape(losses)[0], -1])
   if top_k_percent < 1.0:
-    num = tf.shape(losses)[1]
-    k = tf.maximum(tf.cast(tf.round(top_k_percent * tf.cast(num, tf.float32)), tf.int32), 1)
-    losses = tf.math.top_k(losses, k=tf.minimum(k, num), sorted=False).values
+    num = losses.shape[1]
+    if num is not None:
+      # A static k keeps the op compilable with XLA.
+      k = min(max(int(round(top_k_percent * num)), 1), num)
+    else:
+      num = tf.shape(losses)[1]
+      k = tf.maximum(tf.cast(tf.round(top_k_percent * tf.cast(num, tf.float32)), tf.int32), 1)
+      k = tf.minimum(k, num)
+    losses = tf.math.top_k(losses, k=k, sorted=False).values
   count = tf.reduce_sum(tf.cast(tf.not_equal(losses, 0.0), losses.dtype), axis=1)
   return tf.math.divide_no_nan(tf.reduce_sum(losses, axis=1), count)

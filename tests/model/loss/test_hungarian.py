@@ -107,3 +107,13 @@ def test_more_rows_than_columns_leaves_rows_unassigned():
 def test_rejects_wrong_rank():
   with pytest.raises(ValueError, match='batch, rows, cols'):
     hungarian.linear_sum_assignment(tf.zeros([3, 3]))
+
+
+def test_non_finite_costs_terminate_with_a_valid_matching():
+  costs = np.array([[[1., np.nan, 3.], [np.inf, 2., 0.], [4., 5., -np.inf]]])
+  assignment = _SOLVE(tf.constant(costs)).numpy()[0]
+  assert sorted(assignment.tolist()) == [0, 1, 2]
+  # NaN and Inf count as 5, the largest finite |cost|.
+  replaced = np.where(np.isfinite(costs[0]), costs[0], 5.0)
+  rows, cols = optimize.linear_sum_assignment(replaced)
+  assert replaced[np.arange(3), assignment].sum() == replaced[rows, cols].sum()

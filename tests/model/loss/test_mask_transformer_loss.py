@@ -205,3 +205,22 @@ def test_build_loss_from_experiment_config():
       'instance_discrimination_loss')
   experiment.model_options.max_deeplab.SetInParent()
   assert builder.default_num_aux_outputs(experiment.model_options) == 0
+
+
+def test_top_k_semantic_and_mask_id_losses_compile_with_xla():
+  loss = mask_transformer_loss.MaskTransformerLoss(_options('''
+      mask_id_cross_entropy_loss { top_k_percent: 0.5 }
+      semantic_loss { top_k_percent: 0.2 }'''), DESCRIPTOR)
+  eager = loss(_ground_truth(), _outputs())
+  compiled = tf.function(loss, jit_compile=True)(_ground_truth(), _outputs())
+  for name in loss.loss_terms:
+    np.testing.assert_allclose(compiled[name].numpy(), eager[name].numpy(), rtol=1e-5)
+
+
+def test_nan_mask_logits_do_not_stall_the_matching():
+  loss = mask_transformer_loss.MaskTransformerLoss(_options(ALL_TERMS), DESCRIPTOR)
+  outputs = _outputs()
+  outputs[common.PRED_PIXEL_SPACE_MASK_LOGITS] = tf.fill([1, 4, 4, 3], np.nan)
+  result = loss(_ground_truth(), outputs)
+  assert result['non_finite_loss_count'].numpy()[0] >= 1
+  assert np.isfinite(result['total_loss'].numpy()).all()
