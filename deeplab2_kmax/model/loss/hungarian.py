@@ -67,7 +67,9 @@ def _solve_square(cost: tf.Tensor) -> tf.Tensor:
       i0 = tf.gather(p, j0, batch_dims=1)
       reduced = (tf.gather(cost, i0, batch_dims=1) - tf.gather(u, i0, batch_dims=1)[:, None]
                  - v)
-      improve = tf.logical_and(tf.logical_not(used), reduced < minv)
+      # Finished elements must keep `way` intact: the flip loop below walks it.
+      improve = tf.logical_and(tf.logical_and(tf.logical_not(used), reduced < minv),
+                               active[:, None])
       minv = tf.where(improve, reduced, minv)
       way = tf.where(improve, j0[:, None], way)
       candidates = tf.where(used, inf, minv)

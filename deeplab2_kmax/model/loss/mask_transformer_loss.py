@@ -18,6 +18,9 @@ example is replaced by 0 in the dict and the total, and counted in non_finite_lo
 trainer can report it. The gradient of such a term can still hold NaN (0 times a NaN local
 derivative), so a trainer should skip the update when the count is non-zero.
 
+LossOptions.reference_mask_loss (CMT-DeepLab's reference-mask approximation) depends on model
+internals and is not computed here.
+
 The matching is computed once on the final output and reused for the auxiliary outputs, as are
 the class-term and dice-term weights. Everything is computed in float32, whatever the model's
 compute dtype.

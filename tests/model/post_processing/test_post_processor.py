@@ -61,7 +61,7 @@ def test_eval_batch_sizes_undo_padding_and_resize():
   # The image was resized to 3x3 and padded to 5x5; its raw size is 6x6.
   eval_batch = {common.RESIZED_SIZE: tf.constant([[3, 3]]),
                 common.GT_SIZE_RAW: tf.constant([[6, 6]])}
-  result = processor(outputs, eval_batch)
+  result = tf.function(processor)(outputs, eval_batch)
   assert all(value.shape == (1, 6, 6) for value in result.values())
   expected = tf.compat.v1.image.resize(at_crop['panoptic_pred'][0, :3, :3, None], [6, 6],
                                        method='nearest', align_corners=True)[..., 0]
