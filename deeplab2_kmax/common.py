@@ -91,3 +91,10 @@ PQ = 'pq'
 SQ = 'sq'
 RQ = 'rq'
 PQ_NUM_CATEGORIES = 'n'
+
+# ---- Loss and post-processing ----
+# Auxiliary-output loss names are AUXILIARY_LOSS_PREFIX + str(i) + term, e.g.
+# 'aux_0pq_style_loss_class_term' (DeepLab2's spelling).
+AUXILIARY_LOSS_PREFIX = 'aux_'
+# float32 [batch]: how many loss terms of each example were NaN/Inf and replaced by 0.
+NON_FINITE_LOSS_COUNT = 'non_finite_loss_count'

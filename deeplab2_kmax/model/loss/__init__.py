@@ -1,0 +1,1 @@
+"""Mask-transformer losses: Hungarian matching, ground-truth preparation and loss terms."""

@@ -1,0 +1,111 @@
+"""Instance discrimination losses on the normalised pixel features (reference §4.5).
+
+Two forms:
+- MaX-DeepLab (`sample_k = 0`): each ground-truth mask's mean feature, L2-normalised, is a
+  class prototype; every thing pixel is classified among the non-void masks by
+  feature . prototype / temperature (softmax cross-entropy).
+- Pixel-contrastive (CMT/kMaX, `sample_k > 0`): k pixels per image are sampled without
+  replacement with Gumbel-top-k on `sample_temperature * log(inverse mask area)` (so a
+  temperature > 1 favours small masks; void pixels are never drawn while valid ones remain);
+  each sampled pixel's target is the uniform distribution over the sampled pixels of its own
+  mask (itself included), and its prediction the softmax of feature dot products /
+  temperature. Things and stuff both count.
+"""
+
+from typing import Optional
+
+import tensorflow as tf
+
+from deeplab2_kmax.model.loss import reduction
+from deeplab2_kmax.model.loss import targets as targets_lib
+
+_MASKED_LOGIT = -99999.0
+
+
+def prototype_instance_discrimination(pixel_feature: tf.Tensor,
+                                      targets: targets_lib.MaskTargets,
+                                      temperature: float = 0.3,
+                                      top_k_percent: float = 1.0) -> tf.Tensor:
+  """MaX-DeepLab's instance discrimination.
+
+  Args:
+    pixel_feature: float [batch, P, D] L2-normalised pixel features.
+    targets: ground truth at the features' resolution.
+    temperature: softmax temperature.
+    top_k_percent: fraction of hardest pixels kept.
+
+  Returns:
+    float32 [batch], unscaled by the loss weight.
+  """
+  feature = tf.cast(pixel_feature, tf.float32)
+  gt_masks = targets.pixel_mask_one_hot
+  prototypes = (tf.einsum('bpd,bpk->bkd', feature, gt_masks)
+                / tf.maximum(targets.mask_area, 1.0)[:, :, None])
+  prototypes = tf.math.l2_normalize(prototypes, axis=-1)
+  logits = tf.einsum('bpd,bkd->bpk', feature, prototypes) / temperature
+  non_void = targets.mask_non_void[:, None, :]
+  logits = logits * non_void + (1.0 - non_void) * _MASKED_LOGIT
+  cross_entropy = tf.nn.softmax_cross_entropy_with_logits(labels=gt_masks, logits=logits)
+  return reduction.mean_over_nonzero(cross_entropy * targets.pixel_thing, top_k_percent)
+
+
+def gumbel_top_k(logits: tf.Tensor, k: int, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Samples k indices per row without replacement, P(i first) = softmax(logits)_i.
+
+  Args:
+    logits: float32 [batch, P].
+    k: number of samples, <= P.
+    seed: optional int32 [2] for stateless (reproducible) sampling.
+
+  Returns:
+    int32 [batch, k].
+  """
+  if seed is None:
+    uniform = tf.random.uniform(tf.shape(logits), minval=1e-20, maxval=1.0)
+  else:
+    uniform = tf.random.stateless_uniform(tf.shape(logits), seed, minval=1e-20, maxval=1.0)
+  gumbel = -tf.math.log(-tf.math.log(uniform))
+  return tf.math.top_k(logits + gumbel, k=k).indices
+
+
+def pixel_contrastive_instance_discrimination(
+    pixel_feature: tf.Tensor, targets: targets_lib.MaskTargets, sample_k: int,
+    sample_temperature: float = 0.6, temperature: float = 0.3, top_k_percent: float = 1.0,
+    seed: Optional[tf.Tensor] = None, sample_indices: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Pixel-contrastive instance discrimination.
+
+  Args:
+    pixel_feature: float [batch, P, D] L2-normalised pixel features.
+    targets: ground truth at the features' resolution.
+    sample_k: pixels sampled per image (<= P).
+    sample_temperature: multiplies log(inverse mask area) in the sampling logits.
+    temperature: softmax temperature of the feature similarities.
+    top_k_percent: fraction of hardest sampled pixels kept.
+    seed: optional int32 [2] for reproducible sampling.
+    sample_indices: optional int32 [batch, sample_k] pixels to use instead of sampling
+      (tests, or to share one draw between outputs).
+
+  Returns:
+    float32 [batch], unscaled by the loss weight.
+  """
+  num_pixels = pixel_feature.shape[1]
+  if not 0 < sample_k <= num_pixels:
+    raise ValueError(f'instance_discrimination_sample_k must be in [1, {num_pixels}] (the '
+                     f'pixels at the output resolution), got {sample_k}.')
+  if sample_indices is None:
+    sample_indices = sample_pixels(targets, sample_k, sample_temperature, seed)
+  feature = tf.gather(tf.cast(pixel_feature, tf.float32), sample_indices, batch_dims=1)
+  masks = tf.gather(targets.pixel_mask_one_hot, sample_indices, batch_dims=1)
+  same_mask = tf.einsum('bik,bjk->bij', masks, masks)
+  target = same_mask / tf.maximum(tf.reduce_sum(same_mask, axis=-1, keepdims=True), 1.0)
+  logits = tf.einsum('bid,bjd->bij', feature, feature) / temperature
+  cross_entropy = tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
+  return reduction.mean_over_nonzero(cross_entropy, top_k_percent)
+
+
+def sample_pixels(targets: targets_lib.MaskTargets, sample_k: int,
+                  sample_temperature: float, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Draws the pixels of the pixel-contrastive loss; int32 [batch, sample_k]."""
+  logits = tf.math.log(targets.inverse_pixel_mask_area) * sample_temperature
+  logits += (1.0 - targets.pixel_non_void) * _MASKED_LOGIT
+  return gumbel_top_k(logits, sample_k, seed)

@@ -1,0 +1,130 @@
+"""Hungarian matching of predicted mask slots to ground-truth masks (reference §4.3).
+
+The cost of giving ground-truth mask i (class c_i) to slot j is `-dice(g_i, p_j) * q_j(c_i)`,
+with p = softmax over slots of the mask logits on valid pixels and q = softmax of the slot's
+class logits. The K x N cost is padded to a square S = max(K, N): void ground-truth rows get
+-999 when there are at least as many slots as masks (so they soak up the left-over slots at no
+cost to the real rows) and +999 otherwise (so real masks get the scarce slots), then the rest of
+the square is -999. The matching is computed once, on the final output, and reused for every
+auxiliary output.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from deeplab2_kmax.model.loss import hungarian
+from deeplab2_kmax.model.loss import targets as targets_lib
+
+_NEGATIVE_PAD = -999.0
+_POSITIVE_PAD = 999.0
+_DICE_EPSILON = 1e-5
+
+
+class Matching(NamedTuple):
+  """The assignment and the stop-gradient weights derived from it.
+
+  Attributes:
+    slot_of_square_row: int32 [batch, S]: the (padded) slot assigned to each (padded)
+      ground-truth row of the square problem; slots >= N are padding.
+    matched_slot: int32 [batch, K]: slot of each non-void ground-truth mask, -1 if none.
+    slot_class_target: float32 [batch, N, num_classes + 1]: one-hot class target per slot,
+      the matched mask's class channel or the void channel (last) for unmatched slots.
+    slot_is_matched: float32 [batch, N], 1 for slots matched to a non-void mask.
+    matched_mask_dice: float32 [batch, N], dice of each slot with its matched mask (0 if none).
+    matched_class_prob: float32 [batch, K], probability that the matched slot gives to the
+      mask's class (0 for void or unmatched masks).
+    void_ratio: float32 [batch, N], share of each slot's soft mask on void pixels.
+  """
+  slot_of_square_row: tf.Tensor
+  matched_slot: tf.Tensor
+  slot_class_target: tf.Tensor
+  slot_is_matched: tf.Tensor
+  matched_mask_dice: tf.Tensor
+  matched_class_prob: tf.Tensor
+  void_ratio: tf.Tensor
+
+
+def soft_dice(gt_masks: tf.Tensor, pred_masks: tf.Tensor) -> tf.Tensor:
+  """Dice similarity of every ground-truth mask with every soft predicted mask.
+
+  Args:
+    gt_masks: float32 [batch, pixels, K] binary masks.
+    pred_masks: float32 [batch, pixels, N] soft masks in [0, 1].
+
+  Returns:
+    float32 [batch, K, N]: sum(g p) / ((sum g + sum p) / 2 + 1e-5).
+  """
+  intersection = tf.einsum('bpk,bpn->bkn', gt_masks, pred_masks)
+  half_total = (tf.reduce_sum(gt_masks, axis=1)[:, :, None]
+                + tf.reduce_sum(pred_masks, axis=1)[:, None, :]) / 2.0
+  return intersection / (half_total + _DICE_EPSILON)
+
+
+def match(targets: targets_lib.MaskTargets, mask_logits: tf.Tensor,
+          class_logits: tf.Tensor) -> Matching:
+  """Matches slots to ground-truth masks.
+
+  Args:
+    targets: ground truth at the output resolution (K masks, P pixels).
+    mask_logits: float [batch, P, N] mask logits of the final output.
+    class_logits: float [batch, N, num_classes + 1] class logits, void last.
+
+  Returns:
+    Matching; every tensor in it is stop-gradient.
+  """
+  mask_logits = tf.stop_gradient(tf.cast(mask_logits, tf.float32))
+  class_logits = tf.stop_gradient(tf.cast(class_logits, tf.float32))
+  num_masks = targets.pixel_mask_one_hot.shape[-1]
+  num_slots = mask_logits.shape[-1]
+  num_classes = class_logits.shape[-1] - 1
+  size = max(num_masks, num_slots)
+
+  mask_probs = tf.nn.softmax(mask_logits, axis=-1)
+  dice = soft_dice(targets.pixel_mask_one_hot, mask_probs * targets.pixel_non_void[:, :, None])
+  class_probs = tf.nn.softmax(class_logits, axis=-1)[:, :, :num_classes]
+  gt_class_one_hot = tf.one_hot(targets.mask_class_index, num_classes)  # Void -> zeros.
+  class_similarity = tf.einsum('bkc,bnc->bkn', gt_class_one_hot, class_probs)
+  non_void_rows = targets.mask_non_void[:, :, None]
+  fill = _NEGATIVE_PAD if num_slots >= num_masks else _POSITIVE_PAD
+  cost = -dice * class_similarity * non_void_rows + (1.0 - non_void_rows) * fill
+  cost = tf.pad(cost, [[0, 0], [0, size - num_masks], [0, size - num_slots]],
+                constant_values=_NEGATIVE_PAD)
+  slot_of_square_row = hungarian.linear_sum_assignment(cost)  # [batch, size], all assigned.
+
+  slot_of_mask = slot_of_square_row[:, :num_masks]
+  matched = tf.logical_and(slot_of_mask < num_slots, targets.mask_non_void > 0.5)
+  matched_slot = tf.where(matched, slot_of_mask, -1)
+  # [batch, K, N] 0/1 matrix of the real, non-void pairs.
+  pairs = tf.one_hot(matched_slot, num_slots, dtype=tf.float32)
+  matched_mask_dice = tf.reduce_sum(dice * pairs, axis=1)
+  matched_class_prob = tf.reduce_sum(class_similarity * pairs, axis=2)
+  slot_is_matched = tf.reduce_sum(pairs, axis=1)
+  slot_class = tf.einsum('bkn,bkc->bnc', pairs, gt_class_one_hot)
+  slot_class_target = tf.concat([slot_class, 1.0 - slot_is_matched[:, :, None]], axis=-1)
+
+  void_pixels = 1.0 - targets.pixel_non_void
+  void_ratio = (tf.einsum('bp,bpn->bn', void_pixels, mask_probs)
+                / (tf.reduce_sum(mask_probs, axis=1) + _DICE_EPSILON))
+  return Matching(slot_of_square_row=slot_of_square_row, matched_slot=matched_slot,
+                  slot_class_target=slot_class_target, slot_is_matched=slot_is_matched,
+                  matched_mask_dice=matched_mask_dice, matched_class_prob=matched_class_prob,
+                  void_ratio=void_ratio)
+
+
+def permute_mask_logits(mask_logits: tf.Tensor, matching: Matching) -> tf.Tensor:
+  """Reorders slots so that column i holds the slot matched to (padded) ground-truth row i.
+
+  Args:
+    mask_logits: float [batch, P, N] (final or auxiliary output).
+    matching: from `match`.
+
+  Returns:
+    float32 [batch, P, S]; padded slots carry logit -99999 so softmax ignores them.
+  """
+  mask_logits = tf.cast(mask_logits, tf.float32)
+  size = matching.slot_of_square_row.shape[-1]
+  num_slots = mask_logits.shape[-1]
+  padded = tf.pad(mask_logits, [[0, 0], [0, 0], [0, size - num_slots]],
+                  constant_values=-99999.0)
+  return tf.gather(padded, matching.slot_of_square_row, axis=2, batch_dims=1)

@@ -1,0 +1,73 @@
+"""PQ-style loss (MaX-DeepLab): a class term and a mask dice term (reference §4.4).
+
+PQ multiplies recognition quality by segmentation quality; the loss mirrors that by weighting
+each term with the (stop-gradient) other quality of the matched pair:
+- class term: per slot, softmax cross-entropy against the matched mask's class (void for
+  unmatched slots), weighted by the matched dice (matched slots) or by the share of the slot's
+  mask that lies on void pixels (unmatched slots), each floored at 1e-5; focal alpha 0.75 for
+  non-void targets and 0.25 for void ones; averaged over the non-zero slots.
+- mask dice term: per ground-truth mask, 1 - dice of the matched slot's softmax mask, weighted
+  by the matched class probability (floored at 1e-5), summed over masks and scaled by
+  alpha / N.
+"""
+
+import tensorflow as tf
+
+from deeplab2_kmax.model.loss import reduction
+
+_WEIGHT_FLOOR = 1e-5
+
+
+def class_term(class_logits: tf.Tensor, class_target: tf.Tensor, slot_is_matched: tf.Tensor,
+               matched_mask_dice: tf.Tensor, void_ratio: tf.Tensor,
+               focal_alpha: float = 0.75) -> tf.Tensor:
+  """Weighted class cross-entropy of every slot.
+
+  Args:
+    class_logits: float [batch, N, num_classes + 1], void last.
+    class_target: float32 [batch, N, num_classes + 1] one-hot targets.
+    slot_is_matched: float32 [batch, N], 1 for slots matched to a non-void mask.
+    matched_mask_dice: float32 [batch, N] dice with the matched mask.
+    void_ratio: float32 [batch, N] share of each slot's mask on void pixels.
+    focal_alpha: weight of non-void targets; void targets get 1 - alpha.
+
+  Returns:
+    float32 [batch], unscaled by the loss weight.
+  """
+  class_logits = tf.cast(class_logits, tf.float32)
+  cross_entropy = tf.nn.softmax_cross_entropy_with_logits(
+      labels=tf.stop_gradient(class_target), logits=class_logits)
+  target_is_void = class_target[..., -1]
+  alpha = focal_alpha * (1.0 - target_is_void) + (1.0 - focal_alpha) * target_is_void
+  weight = (slot_is_matched * tf.maximum(matched_mask_dice, _WEIGHT_FLOOR)
+            + (1.0 - slot_is_matched) * tf.maximum(void_ratio, _WEIGHT_FLOOR))
+  return reduction.mean_over_nonzero(cross_entropy * alpha * tf.stop_gradient(weight))
+
+
+def mask_dice_term(permuted_mask_logits: tf.Tensor, gt_masks: tf.Tensor,
+                   mask_non_void: tf.Tensor, matched_class_prob: tf.Tensor, num_slots: int,
+                   focal_alpha: float = 0.75) -> tf.Tensor:
+  """Weighted dice loss of each ground-truth mask against its matched slot.
+
+  Args:
+    permuted_mask_logits: float [batch, P, S] where column i is the slot matched to
+      ground-truth row i (padded slots at -99999).
+    gt_masks: float32 [batch, P, K] binary ground-truth masks, K <= S.
+    mask_non_void: float32 [batch, K], 1 for masks that take part.
+    matched_class_prob: float32 [batch, K], the weight of each mask (floored at 1e-5).
+    num_slots: N, the number of real slots.
+    focal_alpha: the class term's alpha, reused in the scale alpha / N.
+
+  Returns:
+    float32 [batch], unscaled by the loss weight.
+  """
+  num_masks = gt_masks.shape[-1]
+  probs = tf.nn.softmax(tf.cast(permuted_mask_logits, tf.float32), axis=-1)[:, :, :num_masks]
+  # Only pixels that belong to some ground-truth mask take part (void and crowd do not).
+  valid = tf.reduce_sum(gt_masks, axis=-1, keepdims=True)
+  probs = probs * valid
+  intersection = tf.reduce_sum(probs * gt_masks, axis=1)
+  total = tf.reduce_sum(probs, axis=1) + tf.reduce_sum(gt_masks, axis=1)
+  dice_loss = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
+  weight = mask_non_void * tf.maximum(matched_class_prob, _WEIGHT_FLOOR)
+  return tf.reduce_sum(dice_loss * tf.stop_gradient(weight), axis=-1) * (focal_alpha / num_slots)

@@ -1,0 +1,195 @@
+"""Each loss term against the plain numpy reference (numpy_reference.py) on tiny inputs:
+4x4 pixels, 3 slots, 3 ground-truth masks of which 2 or 3 are real."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deeplab2_kmax.model.loss import instance_discrimination
+from deeplab2_kmax.model.loss import mask_id_cross_entropy
+from deeplab2_kmax.model.loss import matching
+from deeplab2_kmax.model.loss import pq_style
+from deeplab2_kmax.model.loss import reduction
+from deeplab2_kmax.model.loss import semantic
+from deeplab2_kmax.model.loss import targets as targets_lib
+from tests.model.loss import numpy_reference as ref
+
+THINGS, STUFF, IGNORE = (1,), (2,), 0
+SEMANTIC = np.array([
+    [[2, 2, 1, 1], [2, 2, 1, 1], [2, 0, 1, 1], [0, 0, 2, 2]],
+    [[1, 1, 2, 2], [1, 1, 2, 2], [2, 2, 1, 1], [2, 2, 1, 1]],
+])
+THING_ID = np.array([
+    [[-1, -1, 0, 0], [-1, -1, 0, 0], [-1, -1, 0, 0], [-1, -1, -1, -1]],
+    [[0, 0, -1, -1], [0, 0, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, 1]],
+])
+THING_CLASS = np.array([[1, -1], [1, 1]])  # Image 0: 2 real masks; image 1: 3.
+
+
+def _case(num_slots=3, seed=0, feature_dim=4):
+  rng = np.random.default_rng(seed)
+  mask_logits = rng.normal(scale=2.0, size=(2, 16, num_slots))
+  class_logits = rng.normal(scale=2.0, size=(2, num_slots, 3))
+  feature = rng.normal(size=(2, 16, feature_dim))
+  feature /= np.linalg.norm(feature, axis=-1, keepdims=True)
+  tf_targets = targets_lib.prepare_mask_targets(
+      tf.constant(SEMANTIC), tf.constant(THING_ID), tf.constant(THING_CLASS), (4, 4),
+      thing_class_ids=THINGS, stuff_class_ids=STUFF, ignore_label=IGNORE)
+  np_targets = [ref.targets(SEMANTIC[b], THING_ID[b], THING_CLASS[b], 1, THINGS, STUFF, IGNORE)
+                for b in range(2)]
+  return mask_logits, class_logits, feature, tf_targets, np_targets
+
+
+def _tf_match(tf_targets, mask_logits, class_logits):
+  return matching.match(tf_targets, tf.constant(mask_logits, tf.float32),
+                        tf.constant(class_logits, tf.float32))
+
+
+@pytest.mark.parametrize('num_slots', [3, 2, 5])
+def test_matching_equals_brute_force(num_slots):
+  mask_logits, class_logits, _, tf_targets, np_targets = _case(num_slots)
+  result = _tf_match(tf_targets, mask_logits, class_logits)
+  for b in range(2):
+    slot, dice, sim = ref.match(np_targets[b], mask_logits[b], class_logits[b])
+    np.testing.assert_array_equal(result.matched_slot.numpy()[b], slot)
+    expected_dice = np.zeros(num_slots)
+    expected_prob = np.zeros(3)
+    for k, n in enumerate(slot):
+      if n >= 0:
+        expected_dice[n] = dice[k, n]
+        expected_prob[k] = sim[k, n]
+    np.testing.assert_allclose(result.matched_mask_dice.numpy()[b], expected_dice, atol=1e-6)
+    np.testing.assert_allclose(result.matched_class_prob.numpy()[b], expected_prob, atol=1e-6)
+    target = result.slot_class_target.numpy()[b]
+    for n in range(num_slots):
+      masks = [k for k in range(3) if slot[k] == n]
+      expected = np_targets[b]['channel'][masks[0]] if masks else 2  # 2 = void channel.
+      assert target[n].argmax() == expected and target[n].sum() == 1
+
+
+def test_matching_is_stop_gradient():
+  mask_logits, class_logits, _, tf_targets, _ = _case()
+  logits = tf.Variable(mask_logits, dtype=tf.float32)
+  with tf.GradientTape() as tape:
+    result = matching.match(tf_targets, logits, tf.constant(class_logits, tf.float32))
+    total = tf.reduce_sum(result.matched_mask_dice) + tf.reduce_sum(result.void_ratio)
+  assert tape.gradient(total, logits) is None
+
+
+def test_permute_mask_logits_puts_matched_slot_in_mask_column():
+  mask_logits, class_logits, _, tf_targets, _ = _case(num_slots=2)
+  result = _tf_match(tf_targets, mask_logits, class_logits)
+  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result).numpy()
+  assert permuted.shape == (2, 16, 3)  # S = max(K=3, N=2).
+  for b in range(2):
+    used = set()
+    for column, slot in enumerate(result.slot_of_square_row.numpy()[b]):
+      if slot < 2:
+        np.testing.assert_allclose(permuted[b, :, column], mask_logits[b, :, slot], rtol=1e-6)
+        used.add(slot)
+      else:
+        np.testing.assert_array_equal(permuted[b, :, column], -99999.0)
+    assert used == {0, 1}
+
+
+@pytest.mark.parametrize('num_slots', [3, 2])
+def test_pq_style_terms(num_slots):
+  mask_logits, class_logits, _, tf_targets, np_targets = _case(num_slots, seed=1)
+  result = _tf_match(tf_targets, mask_logits, class_logits)
+  class_term = pq_style.class_term(tf.constant(class_logits, tf.float32),
+                                   result.slot_class_target, result.slot_is_matched,
+                                   result.matched_mask_dice, result.void_ratio).numpy()
+  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result)
+  dice_term = pq_style.mask_dice_term(permuted, tf_targets.pixel_mask_one_hot,
+                                      tf_targets.mask_non_void, result.matched_class_prob,
+                                      num_slots).numpy()
+  for b in range(2):
+    slot, dice, sim = ref.match(np_targets[b], mask_logits[b], class_logits[b])
+    np.testing.assert_allclose(
+        class_term[b], ref.pq_class_term(np_targets[b], slot, dice, mask_logits[b],
+                                         class_logits[b]), rtol=1e-5)
+    np.testing.assert_allclose(
+        dice_term[b], ref.pq_dice_term(np_targets[b], slot, sim, mask_logits[b]), rtol=1e-5)
+
+
+def test_class_term_by_hand():
+  # One slot matched to class 0 with dice 0.5, one unmatched slot with void ratio 0.2.
+  logits = tf.constant([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+  target = tf.constant([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+  value = pq_style.class_term(logits, target, tf.constant([[1.0, 0.0]]),
+                              tf.constant([[0.5, 0.0]]), tf.constant([[0.9, 0.2]])).numpy()
+  # CE = log 3 for both; weights 0.75 * 0.5 and 0.25 * 0.2; mean over 2 slots.
+  np.testing.assert_allclose(value, [np.log(3) * (0.375 + 0.05) / 2], rtol=1e-6)
+
+
+def test_mask_id_cross_entropy():
+  mask_logits, class_logits, _, tf_targets, np_targets = _case(seed=2)
+  result = _tf_match(tf_targets, mask_logits, class_logits)
+  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result)
+  value = mask_id_cross_entropy.mask_id_cross_entropy(
+      permuted, tf_targets.pixel_mask_one_hot, tf_targets.pixel_non_void).numpy()
+  for b in range(2):
+    slot, _, _ = ref.match(np_targets[b], mask_logits[b], class_logits[b])
+    np.testing.assert_allclose(value[b], ref.mask_id_ce(np_targets[b], slot, mask_logits[b]),
+                               rtol=1e-5)
+
+
+def test_prototype_instance_discrimination():
+  _, _, feature, tf_targets, np_targets = _case(seed=3)
+  value = instance_discrimination.prototype_instance_discrimination(
+      tf.constant(feature, tf.float32), tf_targets).numpy()
+  for b in range(2):
+    np.testing.assert_allclose(
+        value[b], ref.prototype_instance_discrimination(np_targets[b], feature[b]), rtol=1e-5)
+
+
+def test_pixel_contrastive_on_given_pixels():
+  _, _, feature, tf_targets, np_targets = _case(seed=4)
+  pixels = np.array([[0, 2, 3, 5, 6, 15], [0, 1, 4, 9, 10, 15]])
+  value = instance_discrimination.pixel_contrastive_instance_discrimination(
+      tf.constant(feature, tf.float32), tf_targets, sample_k=6,
+      sample_indices=tf.constant(pixels, tf.int32)).numpy()
+  for b in range(2):
+    np.testing.assert_allclose(value[b], ref.pixel_contrastive(np_targets[b], feature[b],
+                                                               pixels[b]), rtol=1e-5)
+
+
+def test_pixel_contrastive_sampling_skips_void_pixels():
+  _, _, feature, tf_targets, np_targets = _case(seed=5)
+  # Image 0 has 13 non-void pixels: drawing 13 must take exactly those, in any order.
+  sampled = instance_discrimination.sample_pixels(tf_targets, 13, 0.6,
+                                                  seed=tf.constant([1, 2])).numpy()
+  assert set(sampled[0]) == set(np.nonzero(np_targets[0]['non_void_pixel'])[0])
+  value = instance_discrimination.pixel_contrastive_instance_discrimination(
+      tf.constant(feature, tf.float32), tf_targets, sample_k=13, seed=tf.constant([1, 2]))
+  np.testing.assert_allclose(value.numpy()[0], ref.pixel_contrastive(
+      np_targets[0], feature[0], sampled[0]), rtol=1e-5)
+
+
+def test_gumbel_top_k_favours_large_logits():
+  logits = tf.constant([[0.0, 3.0, -3.0, 0.0]] * 2000)
+  first = instance_discrimination.gumbel_top_k(logits, 1, seed=tf.constant([0, 1])).numpy()
+  frequency = np.bincount(first[:, 0], minlength=4) / 2000
+  expected = ref.softmax(np.array([0.0, 3.0, -3.0, 0.0]))
+  np.testing.assert_allclose(frequency, expected, atol=0.03)
+
+
+@pytest.mark.parametrize('top_k', [1.0, 0.25])
+def test_semantic_loss_with_weights_ignore_and_downsampling(top_k):
+  rng = np.random.default_rng(6)
+  labels = rng.integers(0, 4, size=(1, 7, 7))
+  labels[0, 0, 0] = 255  # Out-of-range ignore label.
+  weights = rng.uniform(0.5, 3.0, size=(1, 7, 7))
+  logits = rng.normal(size=(1, 4, 4, 4))
+  value = semantic.semantic_loss(tf.constant(logits, tf.float32), tf.constant(labels),
+                                 tf.constant(weights, tf.float32), 255, top_k).numpy()
+  expected = ref.semantic_ce(logits[0], labels[0, ::2, ::2], weights[0, ::2, ::2], 255, top_k)
+  np.testing.assert_allclose(value[0], expected, rtol=1e-5)
+
+
+def test_mean_over_nonzero_by_hand():
+  losses = tf.constant([[0.0, 2.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(reduction.mean_over_nonzero(losses).numpy(), [3.0, 0.0])
+  np.testing.assert_allclose(reduction.mean_over_nonzero(losses, 0.25).numpy(), [4.0, 0.0])
+  with pytest.raises(ValueError, match='top_k_percent'):
+    reduction.mean_over_nonzero(losses, 0.0)
