@@ -73,8 +73,9 @@ def built_in_options_text(dataset: str, output_dir: str, splits: Sequence[str]) 
 
 def add_common_flags(num_shards_default: int) -> None:
   flags.DEFINE_string('output_dir', None, 'Folder for the TFRecord shards.')
-  flags.DEFINE_integer('num_shards', 0, f'Shards per split (0 = {num_shards_default}, at most '
-                       'one per image).')
+  default = num_shards_default or f'one per {256} images'
+  flags.DEFINE_integer('num_shards', 0, f'Shards per split (0 = {default}; at most one per '
+                       'image).')
   flags.DEFINE_integer('num_workers', 0, 'Worker processes (0 = one per core, 1 = none).')
   flags.DEFINE_bool('overwrite', False, 'Delete existing shards of the converted splits first '
                     '(default: resume, keeping complete shards).')
