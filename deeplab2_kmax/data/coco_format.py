@@ -471,7 +471,7 @@ def check_example(job: ExampleJob, spec: Optional[LabelSpec], read_pixels: bool 
   """Reads and checks one example; collects every defect instead of stopping."""
   defects, stats = [], ExampleStats()
   result = CheckedExample(job, defects, stats)
-  image = read_image(job.image_path, defects)
+  image = read_image(job.image_path, defects) if job.image_path else None
   if image is not None:
     result.image_bytes, result.image_format, result.image_size = image
     if job.json_size and tuple(job.json_size) != result.image_size:
