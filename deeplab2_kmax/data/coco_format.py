@@ -397,9 +397,19 @@ def panoptic_from_segments(ids: np.ndarray, segments: Sequence[dict], spec: Labe
   stats = stats if stats is not None else ExampleStats()
   divisor = spec.label_divisor
   void_value = spec.ignore_label * divisor
-  uniq, inverse, counts = np.unique(ids.ravel(), return_inverse=True, return_counts=True)
-  index_of = {int(v): i for i, v in enumerate(uniq)}
-  lut = np.full(len(uniq), void_value, np.int64)
+  # Pixels are matched to the few listed ids with a binary search (much cheaper than
+  # np.unique over all pixels); only unmatched pixels are examined further.
+  flat = ids.ravel()
+  keys = np.array(sorted({s['id'] for s in segments if s['id'] != 0}), np.int64)
+  if len(keys):
+    position = np.minimum(np.searchsorted(keys, flat), len(keys) - 1)
+    hit = keys[position] == flat
+  else:
+    position = np.zeros(flat.shape, np.int64)
+    hit = np.zeros(flat.shape, bool)
+  counts = np.bincount(position[hit], minlength=len(keys))
+  index_of = {int(v): i for i, v in enumerate(keys)}
+  lut = np.full(max(1, len(keys)), void_value, np.int64)
   listed = set()
   instance_count = collections.defaultdict(int)
   crowd_categories = set()
@@ -456,14 +466,19 @@ def panoptic_from_segments(ids: np.ndarray, segments: Sequence[dict], spec: Labe
     if index is not None:
       lut[index] = semantic * divisor + instance
       stats.pixels_per_class[semantic] = stats.pixels_per_class.get(semantic, 0) + pixels
-  unlisted = [(int(v), int(c)) for v, c in zip(uniq, counts) if v != 0 and int(v) not in listed]
+  rest = flat[~hit]
+  rest = rest[rest != 0]
+  unlisted = []
+  if rest.size:
+    values, value_counts = np.unique(rest, return_counts=True)
+    unlisted = [(int(v), int(c)) for v, c in zip(values, value_counts)]
   if unlisted:
     shown = ', '.join(f'{v} ({c} px)' for v, c in unlisted[:3])
     more = f' and {len(unlisted) - 3} more' if len(unlisted) > 3 else ''
     defects.append(Defect(ID_NOT_IN_JSON, file,
                           f'{len(unlisted)} segment id(s) of the PNG are not in segments_info: '
                           f'{shown}{more}'))
-  return lut[inverse].reshape(ids.shape).astype(np.int32)
+  return np.where(hit, lut[position], void_value).reshape(ids.shape).astype(np.int32)
 
 
 def check_example(job: ExampleJob, spec: Optional[LabelSpec], read_pixels: bool = True
