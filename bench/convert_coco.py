@@ -1,6 +1,7 @@
 """Conversion throughput of COCO-format data at 640x480 (issue #9).
 
-    python bench/convert_coco.py [--num_images=200] [--num_workers=2] [--data_dir=DIR]
+    python bench/convert_coco.py [--num_images=200] [--num_workers=2] [--data_dir=DIR] \
+        [--repeat=1]
 
 Makes synthetic COCO panoptic data once (build_synthetic_data's val split at 480x640: JSON,
 RGB-id PNGs; images re-encoded as JPEG like COCO's), then times
@@ -25,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 200, 'Images to convert.')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2, 'Conversion worker processes.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Reuse/write the source data here.')
+_REPEAT = flags.DEFINE_integer('repeat', 1, 'List every image this many times (as symlinked '
+                               'copies), to time long runs without generating more scenes.')
 _HEIGHT, _WIDTH = 480, 640
 
 
@@ -48,6 +51,31 @@ def make_source(data_dir: str, count: int) -> None:
     json.dump(data, f)
 
 
+def repeated_json(data_dir: str, repeat: int) -> str:
+  """A JSON listing each image `repeat` times under distinct names (symlinks)."""
+  if repeat <= 1:
+    return os.path.join(data_dir, 'panoptic_coco.json')
+  with open(os.path.join(data_dir, 'panoptic_coco.json')) as f:
+    data = json.load(f)
+  images, annotations = [], []
+  for k in range(repeat):
+    for image, annotation in zip(data['images'], data['annotations']):
+      stem = f'{image["file_name"][:-4]}_r{k}'
+      for folder, old, new in (('images', image['file_name'], stem + '.jpg'),
+                               ('panoptic_val', annotation['file_name'], stem + '.png')):
+        link = os.path.join(data_dir, folder, new)
+        if k and not os.path.lexists(link):
+          os.symlink(old, link)
+      name = image['file_name'] if k == 0 else stem + '.jpg'
+      images.append(dict(image, id=f'{image["id"]}_r{k}', file_name=name))
+      annotations.append(dict(annotation, image_id=f'{image["id"]}_r{k}',
+                              file_name=annotation['file_name'] if k == 0 else stem + '.png'))
+  path = os.path.join(data_dir, f'panoptic_coco_x{repeat}.json')
+  with open(path, 'w') as f:
+    json.dump(dict(data, images=images, annotations=annotations), f)
+  return path
+
+
 def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -55,11 +83,12 @@ def main(argv):
 
   data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix='bench_convert_')
   make_source(data_dir, _NUM_IMAGES.value)
+  json_path = repeated_json(data_dir, _REPEAT.value)
   out = tempfile.mkdtemp(prefix='bench_convert_out_')
   try:
     start = time.perf_counter()
     results = build_coco_format_data.build(
-        os.path.join(data_dir, 'images'), os.path.join(data_dir, 'panoptic_coco.json'), out,
+        os.path.join(data_dir, 'images'), json_path, out,
         panoptic_png_dir=os.path.join(data_dir, 'panoptic_val'), split='train',
         num_workers=_NUM_WORKERS.value, show_progress=False)
     seconds = time.perf_counter() - start
@@ -68,7 +97,7 @@ def main(argv):
     shutil.rmtree(out, ignore_errors=True)
   count = results[0].num_examples
   print(json.dumps({
-      'benchmark': 'convert_coco_format', 'images': count, 'size': f'{_WIDTH}x{_HEIGHT}',
+      'benchmark': 'convert_coco_format', 'images': count, 'distinct_images': _NUM_IMAGES.value, 'size': f'{_WIDTH}x{_HEIGHT}',
       'num_workers': _NUM_WORKERS.value, 'seconds': round(seconds, 2),
       'images_per_s': round(count / seconds, 2), 'output_mb': round(size_mb, 1),
       'tf_version': tf.__version__, 'cpu_count': os.cpu_count(), 'machine': platform.machine(),

@@ -88,7 +88,7 @@ def main(argv):
     conversion.require(f.ade20k_root, 'ade20k_root')
     conversion.require(f.output_dir, 'output_dir')
     return build(f.ade20k_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
-                 conversion.workers(f.num_workers), f.overwrite)
+                 f.num_workers, f.overwrite)
   return conversion.run(convert, argv)
 
 

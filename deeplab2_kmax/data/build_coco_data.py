@@ -87,7 +87,7 @@ def main(argv):
     conversion.require(f.coco_root, 'coco_root')
     conversion.require(f.output_dir, 'output_dir')
     return build(f.coco_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
-                 conversion.workers(f.num_workers), f.overwrite)
+                 f.num_workers, f.overwrite)
   return conversion.run(convert, argv)
 
 

@@ -123,7 +123,7 @@ def build(images: str, panoptic_json: str, output_dir: str, panoptic_png_dir: st
   result = conversion.convert_split(
       output_dir, split, parsed.jobs, spec,
       conversion.num_shards_for(len(parsed.jobs), num_shards,
-                                -(-len(parsed.jobs) // EXAMPLES_PER_SHARD)),
+                                max(8, -(-len(parsed.jobs) // EXAMPLES_PER_SHARD))),
       num_workers, overwrite, show_progress)
   sizes[split] = len(parsed.jobs)
   descriptor = descriptor_from_categories(categories, name, label_divisor, sizes)
@@ -156,7 +156,7 @@ def main(argv):
       conversion.require(getattr(f, flag), flag)
     return build(f.images, f.panoptic_json, f.output_dir, f.panoptic_png_dir,
                  f.dataset_config, f.split, f.name, f.label_divisor, f.treat_crowd_as_ignore,
-                 f.num_shards, conversion.workers(f.num_workers), f.overwrite)
+                 f.num_shards, f.num_workers, f.overwrite)
   return conversion.run(convert, argv)
 
 

@@ -37,7 +37,10 @@ def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.Exampl
                   spec: Optional[coco_format.LabelSpec], num_shards: int, num_workers: int = 1,
                   overwrite: bool = False, show_progress: bool = True
                   ) -> shard_writer.WriteResult:
-  """Writes one split; jobs without png_path become examples without labels."""
+  """Writes one split; jobs without png_path become examples without labels.
+
+  num_workers: processes writing shards (0 = automatic, see `workers`).
+  """
   coco_format.check_jobs_unique(jobs)
   state = {'split': split, 'inputs': _fingerprint(jobs), 'labels': spec is not None}
   if spec is not None:
@@ -47,7 +50,7 @@ def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.Exampl
                  treat_crowd_as_ignore=spec.treat_crowd_as_ignore)
   work = functools.partial(coco_format.encode_example_job, spec=spec)
   return shard_writer.write_shards(output_dir, split, list(jobs), work, num_shards,
-                                   num_workers=num_workers, state=state, overwrite=overwrite,
+                                   num_workers=workers(num_workers, len(jobs)), state=state, overwrite=overwrite,
                                    show_progress=show_progress)
 
 
@@ -73,16 +76,25 @@ def built_in_options_text(dataset: str, output_dir: str, splits: Sequence[str]) 
 
 def add_common_flags(num_shards_default: int) -> None:
   flags.DEFINE_string('output_dir', None, 'Folder for the TFRecord shards.')
-  default = num_shards_default or f'one per {256} images'
+  default = num_shards_default or 'one per 256 images, at least 8'
   flags.DEFINE_integer('num_shards', 0, f'Shards per split (0 = {default}; at most one per '
                        'image).')
-  flags.DEFINE_integer('num_workers', 0, 'Worker processes (0 = one per core, 1 = none).')
+  flags.DEFINE_integer('num_workers', 0, 'Worker processes writing shards (0 = one per core '
+                       f'for splits of {AUTO_PARALLEL_MIN_IMAGES}+ images, else none; 1 = none).')
   flags.DEFINE_bool('overwrite', False, 'Delete existing shards of the converted splits first '
                     '(default: resume, keeping complete shards).')
 
 
-def workers(requested: int) -> int:
-  return requested or os.cpu_count() or 1
+# Below this many images, worker processes cost more (each imports TensorFlow: seconds) than
+# they save, so the automatic choice converts in this process.
+AUTO_PARALLEL_MIN_IMAGES = 1000
+
+
+def workers(requested: int, num_images: int = AUTO_PARALLEL_MIN_IMAGES) -> int:
+  """`requested`, or for 0: one per core for large splits, else 1."""
+  if requested:
+    return requested
+  return (os.cpu_count() or 1) if num_images >= AUTO_PARALLEL_MIN_IMAGES else 1
 
 
 def run(convert: Callable[[], list], argv: Sequence[str]) -> int:

@@ -3,7 +3,9 @@
     write_shards(output_dir, 'train', jobs, work_fn, num_shards=10, num_workers=2)
 
 `jobs` are picklable descriptions of examples, in output order; `work_fn(job)` (a module-level
-function, run in worker processes) returns the serialized record, or raises. Shard `s` of `n`
+function, or a functools.partial of one) returns the serialized record, or raises. With
+several workers, each worker process writes whole shards, so records never cross process
+boundaries; progress ticks come back through a queue. Shard `s` of `n`
 holds jobs `[s * len(jobs) // n, (s + 1) * len(jobs) // n)` and is named like DeepLab2's
 `{split}-%05d-of-%05d.tfrecord`.
 
@@ -20,6 +22,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from deeplab2_kmax.progress import Progress
@@ -56,21 +59,34 @@ class _WorkerFailure:
     self.error = error
 
 
-def _run_job(work_fn, job):
+# Per-process progress hook: a queue in worker processes, a callback in the main process.
+_progress_queue = None
+
+
+def _init_worker(queue) -> None:
+  global _progress_queue
+  _progress_queue = queue
+
+
+def _write_shard(work_fn, path: str, jobs: Sequence[Any], tick=None):
+  """Writes one shard as <path>.tmp and renames it when complete; returns path or
+  _WorkerFailure (the .tmp file is then removed)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tmp = path + '.tmp'
   try:
-    return work_fn(job)
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for job in jobs:
+        writer.write(work_fn(job))
+        if tick is not None:
+          tick()
+        elif _progress_queue is not None:
+          _progress_queue.put(1)
   except Exception as error:  # pylint: disable=broad-except
+    if os.path.exists(tmp):
+      os.remove(tmp)
     return _WorkerFailure(error)
-
-
-class _Runner:
-  """Picklable wrapper: calls work_fn and returns exceptions as _WorkerFailure."""
-
-  def __init__(self, work_fn):
-    self.work_fn = work_fn
-
-  def __call__(self, job):
-    return _run_job(self.work_fn, job)
+  os.replace(tmp, path)
+  return path
 
 
 def _state_path(output_dir: str, split: str) -> str:
@@ -98,6 +114,31 @@ def _check_state(output_dir: str, split: str, state: dict) -> None:
   os.replace(path + '.tmp', path)
 
 
+def _write_in_workers(tasks, num_workers: int, progress: Progress) -> None:
+  """Each worker process writes whole shards (records never cross process boundaries)."""
+  # "spawn": workers start without the parent's TensorFlow state (fork + TF is unsafe).
+  context = multiprocessing.get_context('spawn')
+  queue = context.SimpleQueue()
+  pool = context.Pool(num_workers, initializer=_init_worker, initargs=(queue,))
+  try:
+    pending = [pool.apply_async(_write_shard, task) for task in tasks]
+    while pending:
+      while not queue.empty():
+        progress.update(queue.get())
+      for result in [r for r in pending if r.ready()]:
+        pending.remove(result)
+        value = result.get()
+        if isinstance(value, _WorkerFailure):
+          raise value.error
+      time.sleep(0.05)
+    while not queue.empty():
+      progress.update(queue.get())
+  finally:
+    # On failure, shards still being written stay .tmp files (removed by the next run).
+    pool.terminate()
+    pool.join()
+
+
 def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
                  work_fn: Callable[[Any], bytes], num_shards: int, num_workers: int = 1,
                  state: Optional[dict] = None, overwrite: bool = False,
@@ -111,7 +152,7 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
     work_fn: Module-level function job -> serialized record (run in workers when
       num_workers > 1, so it must be importable without side effects).
     num_shards: Number of shards (at most len(jobs) unless jobs is empty).
-    num_workers: Processes computing records; 1 computes them in this process.
+    num_workers: Processes, each writing whole shards; 1 writes them in this process.
     state: JSON-able description of the inputs and settings; shards of a run with a different
       state are never mixed with these.
     overwrite: Delete existing shards of this split first.
@@ -125,8 +166,6 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
     The first exception raised by work_fn (the shard being written is removed), or
     ShardStateError.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   os.makedirs(output_dir, exist_ok=True)
   num_shards = max(1, num_shards)
   if overwrite:
@@ -147,40 +186,17 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
   todo_jobs = [jobs[i] for s in todo for i in range(*bounds[s])]
   progress = Progress(len(todo_jobs), label=label or split, unit='images',
                       stream=sys.stderr if show_progress else open(os.devnull, 'w'))
-  pool = None
-  if num_workers > 1 and len(todo_jobs) > 1:
-    # "spawn": workers start without the parent's TensorFlow state (fork + TF is unsafe).
-    pool = multiprocessing.get_context('spawn').Pool(min(num_workers, len(todo_jobs)))
-    results = pool.imap(_Runner(work_fn), todo_jobs, chunksize=4)
+  tasks = [(work_fn, paths[s], [jobs[i] for i in range(*bounds[s])]) for s in todo]
+  num_workers = min(num_workers, len(tasks))
+  if num_workers > 1:
+    _write_in_workers(tasks, num_workers, progress)
   else:
-    results = map(_Runner(work_fn), todo_jobs)
-  writer, tmp = None, None
-  written = 0
-  try:
-    for shard in todo:
-      start, end = bounds[shard]
-      tmp = paths[shard] + '.tmp'
-      writer = tf.io.TFRecordWriter(tmp)
-      for _ in range(start, end):
-        record = next(results)
-        if isinstance(record, _WorkerFailure):
-          raise record.error
-        writer.write(record)
-        progress.update(1)
-      writer.close()
-      writer = None
-      os.replace(tmp, paths[shard])
-      written += 1
-  finally:
-    if writer is not None:
-      writer.close()
-      if os.path.exists(tmp):
-        os.remove(tmp)
-    if pool is not None:
-      pool.terminate()
-      pool.join()
+    for task in tasks:
+      result = _write_shard(*task, tick=lambda: progress.update(1))
+      if isinstance(result, _WorkerFailure):
+        raise result.error
   if todo_jobs:
     progress.close()
   return WriteResult(split=split, num_examples=len(jobs), num_shards=num_shards,
-                     shards_written=written, shards_skipped=num_shards - len(todo),
+                     shards_written=len(todo), shards_skipped=num_shards - len(todo),
                      files=paths)
