@@ -118,3 +118,12 @@ def test_missing_panoptic_json_says_how_to_create_it(tmp_path):
                np.zeros((8, 8, 3), np.uint8))
   with pytest.raises(coco_format.ConversionError, match='createPanopticImgs'):
     build_cityscapes_data.build(str(tmp_path), str(tmp_path / 'out'), show_progress=False)
+
+
+def test_validator_recognises_the_source_layout_and_finds_no_defect(cityscapes_root):
+  from deeplab2_kmax.data import validate
+  root, truth = cityscapes_root
+  report = validate.validate(str(root))
+  assert report.title.startswith('Cityscapes source dataset')
+  assert report.ok and not report.defects, report.format()
+  assert (report.num_images, report.num_labelled) == (len(truth) + 2, len(truth))

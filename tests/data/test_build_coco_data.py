@@ -140,6 +140,20 @@ def test_category_ids_map_back_to_coco_ids(converted):
 
 
 @needs_sample
+def test_validator_passes_the_real_sample_and_the_converted_records(coco_root, converted):
+  from deeplab2_kmax.data import validate
+  root, _ = coco_root
+  source = validate.validate(str(root))
+  assert source.title.startswith('COCO source dataset') and source.ok, source.format()
+  assert not source.defects and (source.num_images, source.num_labelled) == (7, 5)
+  out, _ = converted
+  records = validate.validate(str(out))
+  assert records.ok and not records.defects, records.format()
+  assert (records.num_images, records.num_labelled) == (7, 5)
+  assert records.things == source.things and records.max_things_per_image > 0
+
+
+@needs_sample
 def test_test_split_has_images_without_labels(converted):
   out, _ = converted
   records = list(tf.data.TFRecordDataset(tf.io.gfile.glob(f'{out}/test-*.tfrecord')))
