@@ -28,7 +28,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def read_panoptic_json(path: str, png_dir: str, images_dir: Optional[str],
       raise ConversionError(f'{path}: images[{index}] needs "id" and "file_name"; fix: '
                             'list every image as {"id": ..., "file_name": ..., "height": ..., '
                             '"width": ...}')
-    images_by_id[image['id']] = image
+    images_by_id[str(image['id'])] = image
   defects, jobs, seen = [], [], {}
   stems = None
   for index, annotation in enumerate(data['annotations']):
@@ -260,13 +260,13 @@ def read_panoptic_json(path: str, png_dir: str, images_dir: Optional[str],
     png_name = annotation['file_name']
     image_id = annotation.get('image_id', os.path.splitext(png_name)[0])
     segments = _segments(annotation, where, path)
-    if image_id in seen:
+    key = str(image_id)   # labelling tools mix 7 and "7"
+    if key in seen:
       defects.append(Defect(DUPLICATE_ANNOTATION, path,
-                            f'image_id {image_id!r} has annotations {seen[image_id]} and '
-                            f'{index}'))
+                            f'image_id {image_id!r} has annotations {seen[key]} and {index}'))
       continue
-    seen[image_id] = index
-    image = images_by_id.get(image_id)
+    seen[key] = index
+    image = images_by_id.get(key)
     json_size = None
     if image is not None:
       image_file = image['file_name']
@@ -545,7 +545,3 @@ def describe_defects(defects: Sequence[Defect], limit: int = 3) -> str:
     lines.append(f'  {kind}: {len(items)}  (fix: {FIXES[kind]})')
     lines.extend(f'    {d.file}: {d.message}' for d in items[:limit])
   return '\n'.join(lines)
-
-
-def to_jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))

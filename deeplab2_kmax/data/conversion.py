@@ -2,10 +2,7 @@
 DeepLab2 TFRecords, the dataset-options file next to the shards, and the command-line wrapper.
 """
 
-import dataclasses
 import functools
-import hashlib
-import json
 import os
 import sys
 import time
@@ -26,13 +23,6 @@ def num_shards_for(num_images: int, requested: int, default: int) -> int:
   return max(1, min(requested or default, max(1, num_images)))
 
 
-def _fingerprint(jobs: Sequence[coco_format.ExampleJob]) -> str:
-  digest = hashlib.sha256()
-  for job in jobs:
-    digest.update(json.dumps(dataclasses.asdict(job), sort_keys=True, default=str).encode())
-  return digest.hexdigest()[:16]
-
-
 def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.ExampleJob],
                   spec: Optional[coco_format.LabelSpec], num_shards: int, num_workers: int = 1,
                   overwrite: bool = False, show_progress: bool = True
@@ -42,7 +32,7 @@ def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.Exampl
   num_workers: processes writing shards (0 = automatic, see `workers`).
   """
   coco_format.check_jobs_unique(jobs)
-  state = {'split': split, 'inputs': _fingerprint(jobs), 'labels': spec is not None}
+  state = {'split': split, 'labels': spec is not None}
   if spec is not None:
     state.update(category_to_train_id=sorted(spec.category_to_train_id.items()),
                  thing_train_ids=sorted(spec.thing_train_ids), ignore_label=spec.ignore_label,

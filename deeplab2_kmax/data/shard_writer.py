@@ -11,13 +11,15 @@ holds jobs `[s * len(jobs) // n, (s + 1) * len(jobs) // n)` and is named like De
 
 Atomic: a shard is written under `<name>.tmp` and renamed when all of its records are in, so a
 file with the final name is always complete. Resumable: a run skips shards whose final file
-exists (their jobs are not even computed) and removes leftover `.tmp` files. A small state file
-(`.{split}.conversion.json`) records what the shards were made from; a later run with other
-inputs or settings refuses to mix its shards with the old ones.
+exists and was made from the same inputs (their jobs are not even computed), writes again a
+shard whose inputs changed, and removes leftover `.tmp` files. A small state file
+(`.{split}.conversion.json`) records the settings and a fingerprint of each shard's inputs; a
+run with other settings refuses to mix its shards with the old ones.
 """
 
 import dataclasses
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -93,25 +95,48 @@ def _state_path(output_dir: str, split: str) -> str:
   return os.path.join(output_dir, f'.{split}.conversion.json')
 
 
-def _check_state(output_dir: str, split: str, state: dict) -> None:
+def shard_fingerprint(jobs: Sequence[Any]) -> str:
+  """Identifies a shard's inputs (the jobs' reprs: dataclasses of paths, ids and numbers)."""
+  digest = hashlib.sha256()
+  for job in jobs:
+    digest.update(repr(job).encode('utf-8'))
+  return digest.hexdigest()[:16]
+
+
+def _plan(output_dir: str, split: str, settings: dict, fingerprints: list[str],
+          paths: list[str]) -> list[int]:
+  """Shards to write. Shards of other settings are refused; a complete shard whose inputs
+  changed is deleted and written again. Records the new state before any writing."""
   path = _state_path(output_dir, split)
-  existing = glob.glob(os.path.join(output_dir, f'{split}-?????-of-?????.tfrecord'))
+  existing = [p for p in glob.glob(os.path.join(output_dir, f'{split}-?????-of-?????.tfrecord'))]
+  old_fingerprints = []
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if old != state:
-      changed = sorted(k for k in set(old) | set(state) if old.get(k) != state.get(k))
+    old_settings = old.get('settings', {})
+    if existing and old_settings != settings:
+      changed = sorted(k for k in set(old_settings) | set(settings)
+                       if old_settings.get(k) != settings.get(k))
       raise ShardStateError(
-          f'{output_dir} already holds "{split}" shards made from other inputs or settings '
-          f'(changed: {", ".join(changed)}); delete them (or use overwrite / a new '
-          'output folder) before converting again')
+          f'{output_dir} already holds "{split}" shards made with other settings (changed: '
+          f'{", ".join(changed)}); pass --overwrite or use a new output folder')
+    if old_settings == settings:
+      old_fingerprints = old.get('shards', [])
   elif existing:
     raise ShardStateError(
         f'{output_dir} holds "{split}" shards that this converter did not write '
         f'({os.path.basename(sorted(existing)[0])}); delete them or use a new output folder')
+  todo = []
+  for shard, shard_path in enumerate(paths):
+    known = shard < len(old_fingerprints) and old_fingerprints[shard] == fingerprints[shard]
+    if not (known and os.path.exists(shard_path)):
+      todo.append(shard)
+      if os.path.exists(shard_path):
+        os.remove(shard_path)   # its inputs changed
   with open(path + '.tmp', 'w') as f:
-    json.dump(state, f, indent=1, sort_keys=True)
+    json.dump({'settings': settings, 'shards': fingerprints}, f, indent=1, sort_keys=True)
   os.replace(path + '.tmp', path)
+  return todo
 
 
 def _write_in_workers(tasks, num_workers: int, progress: Progress) -> None:
@@ -153,8 +178,8 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
       num_workers > 1, so it must be importable without side effects).
     num_shards: Number of shards (at most len(jobs) unless jobs is empty).
     num_workers: Processes, each writing whole shards; 1 writes them in this process.
-    state: JSON-able description of the inputs and settings; shards of a run with a different
-      state are never mixed with these.
+    state: JSON-able settings (e.g. the label mapping); shards made with other settings are
+      never mixed with these.
     overwrite: Delete existing shards of this split first.
     show_progress: Print a progress line with rate and ETA to stderr.
     label: Progress label (default: the split).
@@ -173,16 +198,15 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
       os.remove(path)
     if os.path.exists(_state_path(output_dir, split)):
       os.remove(_state_path(output_dir, split))
-  full_state = dict(state or {})
-  full_state.update(num_examples=len(jobs), num_shards=num_shards)
-  full_state = json.loads(json.dumps(full_state, sort_keys=True))   # as read back from disk
-  _check_state(output_dir, split, full_state)
+  settings = dict(state or {})
+  settings.update(num_examples=len(jobs), num_shards=num_shards)
+  settings = json.loads(json.dumps(settings, sort_keys=True))   # as read back from disk
   for path in glob.glob(os.path.join(output_dir, f'{split}-?????-of-?????.tfrecord.tmp')):
     os.remove(path)   # left by an interrupted run
-
   paths = [os.path.join(output_dir, shard_name(split, s, num_shards)) for s in range(num_shards)]
   bounds = shard_bounds(len(jobs), num_shards)
-  todo = [s for s in range(num_shards) if not os.path.exists(paths[s])]
+  fingerprints = [shard_fingerprint(jobs[start:end]) for start, end in bounds]
+  todo = _plan(output_dir, split, settings, fingerprints, paths)
   todo_jobs = [jobs[i] for s in todo for i in range(*bounds[s])]
   progress = Progress(len(todo_jobs), label=label or split, unit='images',
                       stream=sys.stderr if show_progress else open(os.devnull, 'w'))

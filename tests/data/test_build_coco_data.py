@@ -14,6 +14,7 @@ import tensorflow as tf
 from deeplab2_kmax.data import build_coco_data
 from deeplab2_kmax.data import coco_format
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data import shard_writer
 from deeplab2_kmax.data import tfrecord
 from tests.conftest import REPO_ROOT
 from tests.conftest import shared_dir
@@ -198,13 +199,28 @@ def test_resume_skips_complete_shards_and_failure_leaves_no_partial_shard(tmp_pa
   # A broken third image stops a fresh conversion after two complete shards, with no
   # half-written shard left behind (nothing named like a shard, no .tmp).
   broken = sorted((root / 'annotations/panoptic_train2017').iterdir())[2]
+  png_bytes = broken.read_bytes()
   broken.write_bytes(b'not a png')
   fresh = tmp_path / 'fresh'
   with pytest.raises(coco_format.ConversionError, match=f'{broken.name}: not a PNG file'):
     build_coco_data.build(str(root), str(fresh), num_shards=4, show_progress=False)
   assert sorted(p for p in os.listdir(fresh) if 'tfrecord' in p) == shards[:2]
+  # Once the PNG is fixed, the same command completes the conversion: shards 0-1 are kept.
+  broken.write_bytes(png_bytes)
+  results = build_coco_data.build(str(root), str(fresh), num_shards=4, show_progress=False)
+  assert (results[0].shards_written, results[0].shards_skipped) == (2, 2)
+  assert {p: (fresh / p).read_bytes() for p in shards} == first
+  # An annotation edited after conversion: only the shard holding that image is written again.
+  json_path = root / 'annotations/panoptic_train2017.json'
+  data = json.loads(json_path.read_text())
+  data['annotations'][1]['segments_info'].reverse()   # other instance numbering
+  json_path.write_text(json.dumps(data))
+  results = build_coco_data.build(str(root), str(out), num_shards=4, show_progress=False)
+  assert (results[0].shards_written, results[0].shards_skipped) == (1, 3)
+  assert (out / shards[1]).read_bytes() != first[shards[1]]
+  assert all((out / p).read_bytes() == first[p] for p in shards if p != shards[1])
   # Settings changed: the old shards are not mixed with new ones.
-  with pytest.raises(Exception, match='treat_crowd_as_ignore'):
+  with pytest.raises(shard_writer.ShardStateError, match='treat_crowd_as_ignore'):
     build_coco_data.build(str(root), str(out), num_shards=4, treat_crowd_as_ignore=False,
                           show_progress=False)
 

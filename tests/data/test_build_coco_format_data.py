@@ -40,7 +40,7 @@ def make_custom(root, split, count, seed, label_divisor_things=4):
                    'width': width})
     info = [{'id': str(s['id']), 'category_id': s['category_id'], 'iscrowd': s['iscrowd']}
             for s in segments]
-    annotations.append({'image_id': index + 1, 'file_name': png, 'segments_info': info})
+    annotations.append({'image_id': str(index + 1), 'file_name': png, 'segments_info': info})
     truth[f'{split}_frame_{index:03d}'] = (ids, segments)
   fx.write_json(f'{root}/{split}_panoptic.json',
                 {'images': images, 'annotations': annotations, 'categories': CATEGORIES})

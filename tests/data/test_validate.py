@@ -2,12 +2,10 @@
 (COCO panoptic format) and converted (TFRecord) datasets, and passes clean data."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from deeplab2_kmax.data import build_coco_format_data
