@@ -191,6 +191,8 @@ def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
     The first exception raised by work_fn (the shard being written is removed), or
     ShardStateError.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
+  # (imported before the progress clock starts: it takes seconds)
   os.makedirs(output_dir, exist_ok=True)
   num_shards = max(1, num_shards)
   if overwrite:

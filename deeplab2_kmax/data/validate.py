@@ -200,7 +200,8 @@ def load_descriptor(dataset_config: str):
 
 
 def _record_defects(file: str, index: int, record, descriptor) -> tuple:
-  """(name, labelled, defects, things) of one serialized record."""
+  """(name, labelled, defects, ExampleStats or None) of one serialized record; segments are
+  the distinct non-void panoptic ids (crowd: thing-class ids with instance 0)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
@@ -208,7 +209,7 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
   try:
     parsed = tfrecord.parse_features(record)
   except tf.errors.OpError:
-    return where, False, [cf.Defect(cf.UNREADABLE_FILE, where, 'not a tf.train.Example')], 0
+    return where, False, [cf.Defect(cf.UNREADABLE_FILE, where, 'not a tf.train.Example')], None
   name = parsed[common.KEY_IMAGE_FILENAME].numpy().decode('utf-8', 'replace')
   where = f'{file} record {index} ("{name}")'
   defects = []
@@ -217,7 +218,7 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
                                expand_animations=False)
   except tf.errors.OpError as error:
     return name, False, [cf.Defect(cf.UNREADABLE_FILE, where,
-                                   f'image cannot be decoded ({error.message})')], 0
+                                   f'image cannot be decoded ({error.message})')], None
   height, width = (int(v) for v in image.shape[:2])
   stored = (int(parsed[common.KEY_IMAGE_HEIGHT]), int(parsed[common.KEY_IMAGE_WIDTH]))
   if stored != (height, width):
@@ -226,7 +227,7 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
                              f'image is {height}x{width}'))
   encoded = parsed[common.KEY_ENCODED_LABEL].numpy()
   if not encoded:
-    return name, False, defects, 0
+    return name, False, defects, None
   if parsed[common.KEY_LABEL_FORMAT].numpy() == b'png':
     label = tf.io.decode_png(encoded, channels=1).numpy()[..., 0].astype(np.int64)
     label = label * descriptor.panoptic_label_divisor   # semantic-only label
@@ -235,13 +236,13 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
       defects.append(cf.Defect(cf.SIZE_MISMATCH, where,
                                f'raw label has {len(encoded) // 4} values, the image '
                                f'{height}x{width} has {height * width} pixels'))
-      return name, True, defects, 0
+      return name, True, defects, None
     label = np.frombuffer(encoded, '<i4').reshape(height, width).astype(np.int64)
   if label.shape != (height, width):
     defects.append(cf.Defect(cf.SIZE_MISMATCH, where,
                              f'label is {label.shape[0]}x{label.shape[1]}, image '
                              f'{height}x{width}'))
-    return name, True, defects, 0
+    return name, True, defects, None
   d = descriptor
   values = np.unique(label)
   semantic = values // d.panoptic_label_divisor
@@ -262,8 +263,12 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
     defects.append(cf.Defect(cf.INSTANCE_ON_STUFF, where,
                              f'panoptic id {v} gives instance {v % d.panoptic_label_divisor} '
                              f'to stuff class {v // d.panoptic_label_divisor}'))
-  things = int((is_thing & (instance != 0)).sum())
-  return name, True, defects, things
+  stats = cf.ExampleStats(
+      things=int((is_thing & (instance != 0)).sum()),
+      stuff=int((known & ~is_thing & (semantic != d.ignore_label)).sum()),
+      crowd=int((is_thing & (instance == 0)).sum()))
+  stats.segments = stats.things + stats.stuff + stats.crowd
+  return name, True, defects, stats
 
 
 def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
@@ -273,12 +278,16 @@ def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
     index = -1
     try:
       for index, record in enumerate(tf.data.TFRecordDataset(file)):
-        name, labelled, defects, things = _record_defects(file, index, record, descriptor)
+        name, labelled, defects, stats = _record_defects(file, index, record, descriptor)
         report.num_images += 1
         report.num_labelled += labelled
-        report.things += things
-        report.max_things_per_image = max(report.max_things_per_image, things)
         report.add(name, defects)
+        if stats is not None:
+          report.segments += stats.segments
+          report.things += stats.things
+          report.stuff += stats.stuff
+          report.crowd += stats.crowd
+          report.max_things_per_image = max(report.max_things_per_image, stats.things)
     except tf.errors.OpError as error:
       report.add(file, [cf.Defect(cf.UNREADABLE_FILE, file,
                                   f'corrupted TFRecord after record {index} '

@@ -151,7 +151,8 @@ def test_validator_passes_the_real_sample_and_the_converted_records(coco_root, c
   records = validate.validate(str(out))
   assert records.ok and not records.defects, records.format()
   assert (records.num_images, records.num_labelled) == (7, 5)
-  assert records.things == source.things and records.max_things_per_image > 0
+  assert (records.things, records.stuff) == (source.things, source.stuff)
+  assert records.max_things_per_image > 0
 
 
 @needs_sample
