@@ -188,6 +188,15 @@ def load_json(path: str) -> dict:
   if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
     raise ConversionError(f'{path}: no "annotations" list; fix: this must be a COCO panoptic '
                           'JSON ({"images": [...], "annotations": [...], "categories": [...]})')
+  first = data['annotations'][0] if data['annotations'] else {}
+  if isinstance(first, dict) and 'segments_info' not in first and (
+      'segmentation' in first or 'bbox' in first):
+    # e.g. labelme / CVAT exports: one entry per object with polygons or RLE (deeplab2 #141).
+    raise ConversionError(
+        f'{path}: this is a COCO instance-segmentation (detection) JSON, one annotation per '
+        'object with "segmentation", not the panoptic format (one annotation per image with '
+        'a PNG "file_name" and "segments_info"); fix: convert it to COCO panoptic format '
+        'first, e.g. with panopticapi\'s converters/detection2panoptic_coco_format.py')
   return data
 
 

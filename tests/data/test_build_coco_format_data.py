@@ -119,3 +119,21 @@ def test_missing_isthing_and_too_many_instances_are_explained(tmp_path):
   with pytest.raises(coco_format.ConversionError, match='has no "isthing" field'):
     build_coco_format_data.build(str(tmp_path / 'images'), str(path), str(tmp_path / 'b'),
                                  show_progress=False)
+
+
+def test_instance_segmentation_json_is_recognised(tmp_path):
+  # What labelme and similar tools export as "COCO" (deeplab2 issue #141): one annotation per
+  # object with polygons, no PNGs.
+  (tmp_path / 'images').mkdir()
+  (tmp_path / 'panoptic').mkdir()
+  fx.write_json(f'{tmp_path}/instances.json', {
+      'images': [{'id': 1, 'file_name': 'a.jpg', 'height': 10, 'width': 10}],
+      'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'iscrowd': 0, 'area': 12.5,
+                       'bbox': [1, 1, 5, 5], 'segmentation': [[1, 1, 6, 1, 6, 6]]}],
+      'categories': [{'id': 1, 'name': 'thing', 'supercategory': 'x'}]})
+  with pytest.raises(coco_format.ConversionError,
+                     match='instance-segmentation .* not the panoptic format'):
+    build_coco_format_data.build(str(tmp_path / 'images'), str(tmp_path / 'instances.json'),
+                                 str(tmp_path / 'out'),
+                                 panoptic_png_dir=str(tmp_path / 'panoptic'),
+                                 show_progress=False)
