@@ -159,9 +159,11 @@ def _write_in_workers(tasks, num_workers: int, progress: Progress) -> None:
     while not queue.empty():
       progress.update(queue.get())
   finally:
-    # On failure, shards still being written stay .tmp files (removed by the next run).
     pool.terminate()
     pool.join()
+    for _, path, _ in tasks:   # shards interrupted by a failure elsewhere
+      if os.path.exists(path + '.tmp'):
+        os.remove(path + '.tmp')
 
 
 def write_shards(output_dir: str, split: str, jobs: Sequence[Any],
