@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab2_kmax.data import build_coco_data
+from deeplab2_kmax.data import class_tables
 from deeplab2_kmax.data import coco_format
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data import shard_writer
@@ -58,8 +59,9 @@ def make_generated_split(root, split, count, seed, with_labels=True, crowd=True)
   if with_labels:
     fx.write_json(f'{root}/annotations/panoptic_{split}2017.json',
                   {'images': images, 'annotations': annotations,
-                   'categories': json.loads((SAMPLE / 'panoptic_coco_categories.json')
-                                            .read_text())})
+                   'categories': [{'id': cid, 'name': name, 'isthing': int(thing),
+                                   'color': list(color)}
+                                  for cid, name, thing, color in class_tables.COCO_CATEGORIES]})
   return truth
 
 
