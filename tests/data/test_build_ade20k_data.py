@@ -67,3 +67,12 @@ def test_unknown_category_is_named(tmp_path):
   with pytest.raises(coco_format.ConversionError, match='category 150 is not a known class'):
     build_ade20k_data.build(str(root), str(tmp_path / 'out'), splits=['val'],
                             show_progress=False)
+
+
+def test_validator_recognises_the_layout(tmp_path):
+  from deeplab2_kmax.data import validate
+  root = tmp_path / 'ADEChallengeData2016'
+  truth = make_ade20k(root)
+  report = validate.validate(str(root))
+  assert report.title.startswith('ADE20K source dataset')
+  assert report.ok and not report.defects and report.num_labelled == len(truth)
