@@ -1,0 +1,97 @@
+"""Converts ADE20K panoptic to DeepLab2-format TFRecords.
+
+    python -m deeplab2_kmax.data.build_ade20k_data --ade20k_root=R --output_dir=O \
+        [--splits=train,val]
+
+Reads the layout that the ADE20K panoptic preparation (Mask2Former's
+`datasets/prepare_ade20k_pan_seg.py`, which DeepLab2 also expects) writes into
+ADEChallengeData2016/:
+  R/images/training/ADE_train_%08d.jpg, R/images/validation/ADE_val_%08d.jpg
+  R/ade20k_panoptic_{train,val}.json        (category ids 0..149)
+  R/ade20k_panoptic_{train,val}/<stem>.png  (id = R + 256 * G + 256^2 * B)
+
+Writes O/{split}-%05d-of-%05d.tfrecord (1000 shards per split as DeepLab2, or fewer for small
+data) with panoptic = train_id * 1000 + instance, where train id = category id + 1 and 0 is
+void ("other objects"; category 255 of the preparation maps to it), plus
+O/dataset_options.textproto (`dataset: "ade20k_panoptic"`).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data import datasets
+
+NUM_SHARDS = 1000
+SPLITS = ('train', 'val')
+_IMAGE_FOLDERS = {'train': 'training', 'val': 'validation'}
+
+
+def split_jobs(root: str, split: str):
+  json_path = os.path.join(root, f'ade20k_panoptic_{split}.json')
+  if not os.path.exists(json_path):
+    return [], []
+  parsed = coco_format.read_panoptic_json(
+      json_path, os.path.join(root, f'ade20k_panoptic_{split}'),
+      os.path.join(root, 'images', _IMAGE_FOLDERS[split]))
+  return parsed.jobs, parsed.defects
+
+
+def label_spec(treat_crowd_as_ignore: bool = True) -> coco_format.LabelSpec:
+  descriptor = datasets.get_built_in(datasets.ADE20K_PANOPTIC)
+  # category_ids = (255, 0, 1, ..., 149): train id = index; 255 ("other objects") is void.
+  mapping = {cid: train for train, cid in enumerate(descriptor.category_ids)}
+  return coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore, mapping)
+
+
+def build(ade20k_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore: bool = True,
+          num_shards: int = 0, num_workers: int = 1, overwrite: bool = False,
+          show_progress: bool = True) -> list:
+  spec = label_spec(treat_crowd_as_ignore)
+  results = []
+  for split in splits:
+    jobs, defects = split_jobs(ade20k_root, split)
+    errors = [d for d in defects if d.is_error]
+    if errors:
+      raise coco_format.ConversionError(str(errors[0]))
+    if not jobs:
+      continue
+    results.append(conversion.convert_split(
+        output_dir, split, jobs, spec,
+        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
+        show_progress))
+  if not results:
+    raise coco_format.ConversionError(
+        f'{ade20k_root}: no ade20k_panoptic_{{train,val}}.json; fix: point --ade20k_root at '
+        'ADEChallengeData2016/ after running the ADE20K panoptic preparation '
+        '(Mask2Former datasets/prepare_ade20k_pan_seg.py)')
+  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
+      datasets.ADE20K_PANOPTIC, output_dir, [r.split for r in results]))
+  return results
+
+
+def define_flags():
+  flags.DEFINE_string('ade20k_root', None, 'ADEChallengeData2016 folder after the panoptic '
+                      'preparation.')
+  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
+  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
+  conversion.add_common_flags(NUM_SHARDS)
+
+
+def main(argv):
+  f = flags.FLAGS
+
+  def convert():
+    conversion.require(f.ade20k_root, 'ade20k_root')
+    conversion.require(f.output_dir, 'output_dir')
+    return build(f.ade20k_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
+                 f.num_workers, f.overwrite)
+  return conversion.run(convert, argv)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

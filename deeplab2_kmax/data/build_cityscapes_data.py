@@ -1,0 +1,125 @@
+"""Converts Cityscapes panoptic to DeepLab2-format TFRecords.
+
+    python -m deeplab2_kmax.data.build_cityscapes_data --cityscapes_root=R --output_dir=O \
+        [--treat_crowd_as_ignore] [--splits=train,val,test]
+
+First create the panoptic ground truth with cityscapesscripts (PyPI `cityscapesscripts`):
+
+    CITYSCAPES_DATASET=R python -m cityscapesscripts.preparation.createPanopticImgs \
+        --dataset-folder R/gtFine --use-train-id --set-names train val
+
+Reads:
+  R/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
+  R/gtFine/cityscapes_panoptic_{split}_trainId.json   (category_id = Cityscapes train id)
+  R/gtFine/cityscapes_panoptic_{split}_trainId/{city}_{seq}_{frame}_gtFine_panoptic.png
+
+Writes O/{split}-%05d-of-%05d.tfrecord (10 shards per split as DeepLab2; test without labels)
+with image/filename `{city}_{seq}_{frame}` and panoptic = train_id * 1000 + instance (ignore
+label 255), plus O/dataset_options.textproto (`dataset: "cityscapes_panoptic"`).
+"""
+
+import dataclasses
+import os
+
+from absl import app
+from absl import flags
+
+from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data import datasets
+
+NUM_SHARDS = 10
+SPLITS = ('train', 'val', 'test')
+_IMAGE_SUFFIX = '_leftImg8bit'
+_PANOPTIC_SUFFIX = '_gtFine_panoptic.png'
+
+
+def split_jobs(root: str, split: str):
+  """(jobs, structural defects) of a split; ([], []) when its images are absent."""
+  images_dir = os.path.join(root, 'leftImg8bit', split)
+  if not os.path.isdir(images_dir):
+    return [], []
+  images = {os.path.basename(p)[:-len(_IMAGE_SUFFIX + '.png')]: p
+            for p in coco_format.list_images(images_dir, _IMAGE_SUFFIX)}
+  if split == 'test':
+    return [coco_format.ExampleJob(prefix, path) for prefix, path in sorted(images.items())], []
+  json_path = os.path.join(root, 'gtFine', f'cityscapes_panoptic_{split}_trainId.json')
+  if not os.path.exists(json_path):
+    raise coco_format.ConversionError(
+        f'{json_path}: not found; fix: create it with cityscapesscripts: '
+        f'python -m cityscapesscripts.preparation.createPanopticImgs --dataset-folder '
+        f'{os.path.join(root, "gtFine")} --use-train-id --set-names {split}')
+  parsed = coco_format.read_panoptic_json(
+      json_path, os.path.join(root, 'gtFine', f'cityscapes_panoptic_{split}_trainId'), None)
+  jobs, defects = [], list(parsed.defects)
+  for job in parsed.jobs:
+    # The JSON's image file names are not those of leftImg8bit; match by the shared prefix.
+    png_name = os.path.basename(job.png_path)
+    prefix = png_name[:-len(_PANOPTIC_SUFFIX)] if png_name.endswith(_PANOPTIC_SUFFIX) else job.name
+    image_path = images.pop(prefix, None)
+    if image_path is None:
+      defects.append(coco_format.Defect(
+          coco_format.MISSING_FILE, json_path,
+          f'no leftImg8bit image {prefix}{_IMAGE_SUFFIX}.png for annotation {png_name}'))
+      continue
+    jobs.append(dataclasses.replace(job, name=prefix, image_path=image_path))
+  for prefix, path in sorted(images.items()):
+    defects.append(coco_format.Defect(coco_format.MISSING_ANNOTATION, path,
+                                      f'image {prefix} has no annotation in {json_path}'))
+  return sorted(jobs, key=lambda j: j.name), defects
+
+
+def label_spec(treat_crowd_as_ignore: bool = True) -> coco_format.LabelSpec:
+  descriptor = datasets.get_built_in(datasets.CITYSCAPES_PANOPTIC)
+  # createPanopticImgs --use-train-id writes train ids as category ids.
+  return coco_format.spec_from_descriptor(
+      descriptor, treat_crowd_as_ignore,
+      category_to_train_id={i: i for i in range(descriptor.num_classes)})
+
+
+def build(cityscapes_root: str, output_dir: str, splits=SPLITS,
+          treat_crowd_as_ignore: bool = True, num_shards: int = 0, num_workers: int = 1,
+          overwrite: bool = False, show_progress: bool = True) -> list:
+  spec = label_spec(treat_crowd_as_ignore)
+  results = []
+  for split in splits:
+    jobs, defects = split_jobs(cityscapes_root, split)
+    errors = [d for d in defects if d.is_error]
+    if errors:
+      raise coco_format.ConversionError(str(errors[0]))
+    if not jobs:
+      continue
+    results.append(conversion.convert_split(
+        output_dir, split, jobs, None if split == 'test' else spec,
+        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
+        show_progress))
+  if not results:
+    raise coco_format.ConversionError(
+        f'{cityscapes_root}: no leftImg8bit/{{train,val,test}} images; fix: point '
+        '--cityscapes_root at the folder holding leftImg8bit/ and gtFine/')
+  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
+      datasets.CITYSCAPES_PANOPTIC, output_dir, [r.split for r in results]))
+  return results
+
+
+def define_flags():
+  flags.DEFINE_string('cityscapes_root', None, 'Cityscapes root (leftImg8bit/, gtFine/).')
+  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
+  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
+  conversion.add_common_flags(NUM_SHARDS)
+
+
+def main(argv):
+  f = flags.FLAGS
+
+  def convert():
+    conversion.require(f.cityscapes_root, 'cityscapes_root')
+    conversion.require(f.output_dir, 'output_dir')
+    return build(f.cityscapes_root, f.output_dir, f.splits, f.treat_crowd_as_ignore,
+                 f.num_shards, f.num_workers, f.overwrite)
+  return conversion.run(convert, argv)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

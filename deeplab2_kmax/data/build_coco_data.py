@@ -1,0 +1,96 @@
+"""Converts COCO panoptic to DeepLab2-format TFRecords.
+
+    python -m deeplab2_kmax.data.build_coco_data --coco_root=R --output_dir=O \
+        [--treat_crowd_as_ignore] [--splits=train,val,test] [--num_workers=0]
+
+Reads the official layout:
+  R/train2017/*.jpg, R/val2017/*.jpg, R/test2017/*.jpg
+  R/annotations/panoptic_{train,val}2017.json
+  R/annotations/panoptic_{train,val}2017/*.png     (id = R + 256 * G + 256^2 * B)
+
+Writes O/{split}-%05d-of-%05d.tfrecord (1000 shards per split as DeepLab2, or fewer for small
+data; test without labels) and O/dataset_options.textproto. COCO's sparse category ids become
+the contiguous train ids of the built-in `coco_panoptic` descriptor (1..133, 0 = void); its
+`category_ids` map them back. Crowd things get instance 0 and, with --treat_crowd_as_ignore
+(the default, as DeepLab2), the ignore label. Splits whose files are absent are skipped.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data import datasets
+
+NUM_SHARDS = 1000
+SPLITS = ('train', 'val', 'test')
+
+
+def split_jobs(coco_root: str, split: str):
+  """ExampleJobs of a split and its JSON's structural defects; ([], []) when absent."""
+  images_dir = os.path.join(coco_root, f'{split}2017')
+  if split == 'test':
+    if not os.path.isdir(images_dir):
+      return [], []
+    return [coco_format.ExampleJob(os.path.splitext(os.path.basename(p))[0], p)
+            for p in coco_format.list_images(images_dir)], []
+  json_path = os.path.join(coco_root, 'annotations', f'panoptic_{split}2017.json')
+  if not os.path.exists(json_path):
+    return [], []
+  parsed = coco_format.read_panoptic_json(
+      json_path, os.path.join(coco_root, 'annotations', f'panoptic_{split}2017'), images_dir)
+  return parsed.jobs, parsed.defects
+
+
+def build(coco_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore: bool = True,
+          num_shards: int = 0, num_workers: int = 1, overwrite: bool = False,
+          show_progress: bool = True) -> list:
+  """Converts the splits present under coco_root; returns a WriteResult per split."""
+  if not os.path.isdir(coco_root):
+    raise coco_format.ConversionError(f'--coco_root={coco_root} is not a folder')
+  descriptor = datasets.get_built_in(datasets.COCO_PANOPTIC)
+  spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
+  results = []
+  for split in splits:
+    jobs, defects = split_jobs(coco_root, split)
+    errors = [d for d in defects if d.is_error]
+    if errors:
+      raise coco_format.ConversionError(str(errors[0]))
+    if not jobs:
+      continue
+    results.append(conversion.convert_split(
+        output_dir, split, jobs, None if split == 'test' else spec,
+        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
+        show_progress))
+  if not results:
+    raise coco_format.ConversionError(
+        f'{coco_root}: found none of annotations/panoptic_{{train,val}}2017.json or test2017/; '
+        'fix: point --coco_root at the folder holding annotations/ and the image folders')
+  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
+      datasets.COCO_PANOPTIC, output_dir, [r.split for r in results]))
+  return results
+
+
+def define_flags():
+  flags.DEFINE_string('coco_root', None, 'COCO root (holding annotations/, train2017/, ...).')
+  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
+  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
+  conversion.add_common_flags(NUM_SHARDS)
+
+
+def main(argv):
+  f = flags.FLAGS
+
+  def convert():
+    conversion.require(f.coco_root, 'coco_root')
+    conversion.require(f.output_dir, 'output_dir')
+    return build(f.coco_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
+                 f.num_workers, f.overwrite)
+  return conversion.run(convert, argv)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

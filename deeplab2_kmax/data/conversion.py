@@ -1,0 +1,112 @@
+"""What every build_*_data converter shares: converting a split of ExampleJobs into sharded
+DeepLab2 TFRecords, the dataset-options file next to the shards, and the command-line wrapper.
+"""
+
+import functools
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from absl import flags
+
+from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data import shard_writer
+
+# The dataset-options file each converter writes into its output folder; the validator and
+# `dataset_descriptor`-based experiment configs read it.
+DATASET_OPTIONS_FILE = 'dataset_options.textproto'
+
+
+def num_shards_for(num_images: int, requested: int, default: int) -> int:
+  """`requested` (0 = DeepLab2's default for the dataset), never more shards than images."""
+  return max(1, min(requested or default, max(1, num_images)))
+
+
+def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.ExampleJob],
+                  spec: Optional[coco_format.LabelSpec], num_shards: int, num_workers: int = 1,
+                  overwrite: bool = False, show_progress: bool = True
+                  ) -> shard_writer.WriteResult:
+  """Writes one split; jobs without png_path become examples without labels.
+
+  num_workers: processes writing shards (0 = automatic, see `workers`).
+  """
+  coco_format.check_jobs_unique(jobs)
+  state = {'split': split, 'labels': spec is not None}
+  if spec is not None:
+    state.update(category_to_train_id=sorted(spec.category_to_train_id.items()),
+                 thing_train_ids=sorted(spec.thing_train_ids), ignore_label=spec.ignore_label,
+                 label_divisor=spec.label_divisor,
+                 treat_crowd_as_ignore=spec.treat_crowd_as_ignore)
+  work = functools.partial(coco_format.encode_example_job, spec=spec)
+  return shard_writer.write_shards(output_dir, split, list(jobs), work, num_shards,
+                                   num_workers=workers(num_workers, len(jobs)), state=state, overwrite=overwrite,
+                                   show_progress=show_progress)
+
+
+def write_dataset_options(output_dir: str, text: str, path: Optional[str] = None) -> str:
+  """Writes the dataset part of an experiment config (a DatasetOptions textproto fragment) and
+  returns its path."""
+  path = path or os.path.join(output_dir, DATASET_OPTIONS_FILE)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def built_in_options_text(dataset: str, output_dir: str, splits: Sequence[str]) -> str:
+  lines = [f'# Dataset options of the shards in this folder; paste into train_dataset_options /',
+           f'# eval_dataset_options of an experiment config.',
+           f'dataset: "{dataset}"']
+  lines += [f'# {split}: file_pattern: "{os.path.join(os.path.abspath(output_dir), split)}'
+            f'-*.tfrecord"' for split in splits]
+  return '\n'.join(lines) + '\n'
+
+
+def add_common_flags(num_shards_default: int) -> None:
+  flags.DEFINE_string('output_dir', None, 'Folder for the TFRecord shards.')
+  default = num_shards_default or 'one per 256 images, at least 8'
+  flags.DEFINE_integer('num_shards', 0, f'Shards per split (0 = {default}; at most one per '
+                       'image).')
+  flags.DEFINE_integer('num_workers', 0, 'Worker processes writing shards (0 = one per core '
+                       f'for splits of {AUTO_PARALLEL_MIN_IMAGES}+ images, else none; 1 = none).')
+  flags.DEFINE_bool('overwrite', False, 'Delete existing shards of the converted splits first '
+                    '(default: resume, keeping complete shards).')
+
+
+# Below this many images, worker processes cost more (each imports TensorFlow: seconds) than
+# they save, so the automatic choice converts in this process.
+AUTO_PARALLEL_MIN_IMAGES = 1000
+
+
+def workers(requested: int, num_images: int = AUTO_PARALLEL_MIN_IMAGES) -> int:
+  """`requested`, or for 0: one per core for large splits, else 1."""
+  if requested:
+    return requested
+  return (os.cpu_count() or 1) if num_images >= AUTO_PARALLEL_MIN_IMAGES else 1
+
+
+def run(convert: Callable[[], list], argv: Sequence[str]) -> int:
+  """Runs a converter's body: one readable error line and exit code 1 on bad input."""
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return 1
+  start = time.monotonic()
+  try:
+    results = convert()
+  except (coco_format.ConversionError, shard_writer.ShardStateError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  seconds = time.monotonic() - start
+  total = sum(r.num_examples for r in results)
+  for r in results:
+    print(f'{r.split}: {r.num_examples} images in {r.num_shards} shards '
+          f'({r.shards_written} written, {r.shards_skipped} already complete)')
+  print(f'done in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} images/s)')
+  return 0
+
+
+def require(value, flag: str) -> None:
+  if not value:
+    raise coco_format.ConversionError(f'--{flag} is required')
