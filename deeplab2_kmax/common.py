@@ -98,3 +98,13 @@ PQ_NUM_CATEGORIES = 'n'
 AUXILIARY_LOSS_PREFIX = 'aux_'
 # float32 [batch]: how many loss terms of each example were NaN/Inf and replaced by 0.
 NON_FINITE_LOSS_COUNT = 'non_finite_loss_count'
+
+# ---- Model endpoints ----
+# Keys of the endpoint dicts passed between the pixel encoder, pixel decoder, transformer
+# decoder and heads (DeepLab2's names). Encoder endpoints are 'stage1'..'stage5' (non-activated)
+# and 'res1'..'res5' (activated); pixel-decoder stages add 'decoder_stage1'.. (stride 32 down).
+ENDPOINT_DECODER_OUTPUT = 'decoder_output'
+ENDPOINT_FEATURE_PANOPTIC = 'feature_panoptic'
+ENDPOINT_FEATURE_SEMANTIC = 'feature_semantic'
+ENDPOINT_TRANSFORMER_CLASS_FEATURE = 'transformer_class_feature'
+ENDPOINT_TRANSFORMER_MASK_FEATURE = 'transformer_mask_feature'

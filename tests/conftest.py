@@ -21,3 +21,12 @@ def synthetic_data_dir(tmp_path_factory):
   build_synthetic_data.build(str(out), num_train=24, num_val=8, height=65, width=65, seed=3,
                              examples_per_shard=12, num_workers=1, show_progress=False)
   return out
+
+
+def upstream_reference(name):
+  """Path of a file in ../shared/reference/upstream-kmax-r50/ (skips the test when absent)."""
+  path = shared_dir() / 'reference' / 'upstream-kmax-r50' / name
+  if not path.exists():
+    pytest.skip(f'{path} is absent (the ../shared reference data come with the project '
+                'checkout; set DEEPLAB2_KMAX_SHARED_DIR to its location)')
+  return str(path)

@@ -1,0 +1,172 @@
+"""Builds a Keras 3 model from an ExperimentOptions proto (the only module reading protos).
+
+    model = build_model(experiment_options)            # built on the train crop
+    outputs = model(images, training=False)            # dict with DeepLab2's output keys
+
+Sub-networks (`model.encoder`, `model.pixel_decoder`, ...) take plain arguments and can be
+built separately with `build_encoder(...)` etc.
+"""
+
+import keras
+import numpy as np
+
+from deeplab2_kmax import common
+from deeplab2_kmax.config import validation
+from deeplab2_kmax.data import datasets
+from deeplab2_kmax.model import kmax_deeplab
+from deeplab2_kmax.model.heads import conv_head
+from deeplab2_kmax.model.heads import max_head
+from deeplab2_kmax.model.heads import semantic
+from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
+from deeplab2_kmax.model.pixel_encoder import convnext
+from deeplab2_kmax.model.pixel_encoder import resnet
+from deeplab2_kmax.model.transformer_decoder import kmax as kmax_transformer_decoder
+
+# kMaX uses GELU in every decoder and head.
+ACTIVATION = 'gelu'
+DEFAULT_TRANSFORMER_NUM_BLOCKS = (2, 2, 2)
+DEFAULT_TRANSFORMER_STRIDES = (32, 16, 8)
+
+
+def norm_layer_from_solver(solver_options):
+  return normalization.make_norm_layer(momentum=solver_options.batchnorm_momentum,
+                                       epsilon=solver_options.batchnorm_epsilon,
+                                       synchronized=solver_options.use_sync_batchnorm)
+
+
+def build_encoder(backbone_options, norm_layer, dtype=None):
+  """The pixel encoder named by backbone_options.name (DeepLab2's 'kmax_' prefix allowed)."""
+  name = validation.backbone_name(backbone_options.name)
+  # DeepLab2's kMaX encoders always use the linear stochastic-depth schedule.
+  schedule = (backbone_options.drop_path_schedule
+              if backbone_options.HasField('drop_path_schedule') else 'linear')
+  if name in ('resnet50', 'axial_resnet50'):
+    return resnet.ResNet(
+        backbone_type='resnet' if name == 'resnet50' else 'axial_resnet',
+        width_multiplier=backbone_options.backbone_width_multiplier,
+        stem_width_multiplier=backbone_options.stem_width_multiplier,
+        layer_multiplier=backbone_options.backbone_layer_multiplier,
+        drop_path_keep_prob=backbone_options.drop_path_keep_prob,
+        drop_path_schedule=schedule, norm_layer=norm_layer, name='encoder', dtype=dtype)
+  if name.startswith('convnext_'):
+    return convnext.ConvNeXt(
+        size=name[len('convnext_'):], drop_path_keep_prob=backbone_options.drop_path_keep_prob,
+        width_multiplier=backbone_options.backbone_width_multiplier,
+        layer_multiplier=backbone_options.backbone_layer_multiplier, name='encoder',
+        dtype=dtype)
+  raise ValueError(f'Unsupported kMaX pixel encoder "{backbone_options.name}".')
+
+
+def build_pixel_decoder(kmax_options, norm_layer, dtype=None):
+  decoder_options = kmax_options.pixel_decoder
+  dims, num_blocks, block_types = kmax_pixel_decoder.default_options(
+      kmax_options.high_resolution_output_stride)
+  if decoder_options.dims:
+    dims = list(decoder_options.dims)
+  if decoder_options.num_blocks:
+    num_blocks = list(decoder_options.num_blocks)
+  if decoder_options.block_types:
+    block_types = list(decoder_options.block_types)
+  return kmax_pixel_decoder.KMaXPixelDecoder(
+      dims, num_blocks, block_types, drop_path_keep_prob=decoder_options.drop_path_keep_prob,
+      activation=ACTIVATION, norm_layer=norm_layer, name='pixel_decoder', dtype=dtype)
+
+
+def _max_head_args(kmax_options, num_classes):
+  return dict(pixel_head_channels=kmax_options.pixel_space_head.head_channels,
+              embedding_channels=kmax_options.pixel_space_head.output_channels,
+              num_classes=num_classes,
+              head_conv_type=kmax_options.pixel_space_head.head_conv_type)
+
+
+def build_transformer_decoder(kmax_options, num_classes, norm_layer, dtype=None):
+  options = kmax_options.transformer_decoder
+  return kmax_transformer_decoder.KMaXTransformerDecoder(
+      num_cluster_centers=kmax_options.num_cluster_centers,
+      num_blocks=list(options.num_blocks) or list(DEFAULT_TRANSFORMER_NUM_BLOCKS),
+      strides=list(options.strides) or list(DEFAULT_TRANSFORMER_STRIDES),
+      channels=options.channels, num_heads=options.num_heads,
+      key_channels=options.key_channels, value_channels=options.value_channels,
+      ffn_channels=options.ffn_channels,
+      drop_path_keep_prob=kmax_options.transformer_decoder_drop_path_keep_prob,
+      auxiliary_head_args=_max_head_args(kmax_options, num_classes), activation=ACTIVATION,
+      norm_layer=norm_layer, name='transformer_decoder', dtype=dtype)
+
+
+def dataset_descriptor(experiment_options):
+  for options in (experiment_options.train_dataset_options,
+                  experiment_options.eval_dataset_options):
+    if options.WhichOneof('dataset_source') is not None:
+      return datasets.from_dataset_options(options)
+  raise ValueError('The experiment names no dataset; the class head needs one.')
+
+
+def default_crop(experiment_options):
+  for options in (experiment_options.train_dataset_options,
+                  experiment_options.eval_dataset_options):
+    if len(options.crop_size) == 2:
+      return tuple(options.crop_size)
+  return (641, 641)
+
+
+def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None, build=True):
+  """Returns a built KMaXDeepLab model for the experiment's `kmax` meta-architecture.
+
+  Args:
+    experiment_options: config_pb2.ExperimentOptions.
+    crop_size: (height, width) to build on; defaults to the train (else eval) crop.
+    descriptor: DatasetDescriptor; defaults to the experiment's dataset.
+    dtype: Keras dtype policy name; defaults to trainer_options.mixed_precision_policy.
+    build: Run one eager forward pass on zeros so every variable exists (required before
+      tf.function, load_weights or checkpoint restore).
+  """
+  model_options = experiment_options.model_options
+  meta = model_options.WhichOneof('meta_architecture')
+  if meta != common.META_KMAX:
+    raise ValueError(f'build_model builds the "{common.META_KMAX}" meta-architecture, '
+                     f'not "{meta}".')
+  kmax_options = model_options.kmax
+  descriptor = descriptor or dataset_descriptor(experiment_options)
+  if dtype is None:
+    dtype = experiment_options.trainer_options.mixed_precision_policy or 'float32'
+  policy = keras.dtype_policies.get(dtype)
+  norm_layer = norm_layer_from_solver(experiment_options.trainer_options.solver_options)
+
+  semantic_channels = (kmax_options.auxiliary_semantic_head.output_channels
+                       or descriptor.num_classes)
+  num_classes = max_head.transformer_class_head_num_classes(semantic_channels,
+                                                            descriptor.ignore_label)
+  encoder = build_encoder(model_options.backbone, norm_layer, dtype=policy)
+  pixel_decoder = build_pixel_decoder(kmax_options, norm_layer, dtype=policy)
+  transformer_decoder = build_transformer_decoder(kmax_options, num_classes, norm_layer,
+                                                  dtype=policy)
+  predictor = max_head.MaXHead(activation=ACTIVATION, norm_layer=norm_layer, name='predictor',
+                               dtype=policy, **_max_head_args(kmax_options, num_classes))
+  semantic_decoder = semantic_head = None
+  if kmax_options.use_auxiliary_semantic_head:
+    head = kmax_options.auxiliary_semantic_head
+    semantic_head = conv_head.ConvHead(head.head_channels, semantic_channels,
+                                       conv_type=head.head_conv_type, activation=ACTIVATION,
+                                       norm_layer=norm_layer, name='semantic_head',
+                                       dtype=policy)
+    if kmax_options.use_auxiliary_semantic_decoder:
+      decoder = model_options.decoder
+      semantic_decoder = semantic.SemanticDecoder(
+          high_level_feature_key=decoder.feature_key,
+          low_level_feature_keys=[x.feature_key for x in kmax_options.auxiliary_low_level],
+          low_level_channels_project=[
+              x.channels_project for x in kmax_options.auxiliary_low_level],
+          aspp_channels=decoder.aspp_channels,
+          atrous_rates=list(decoder.atrous_rates) or [6, 12, 18],
+          aspp_use_only_1x1_proj_conv=decoder.aspp_use_only_1x1_proj_conv,
+          decoder_channels=decoder.decoder_channels,
+          decoder_conv_type=decoder.decoder_conv_type, activation=ACTIVATION,
+          norm_layer=norm_layer, name='semantic_decoder', dtype=policy)
+  model = kmax_deeplab.KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
+                                   semantic_decoder, semantic_head, name='kmax_deeplab',
+                                   dtype=policy)
+  if build:
+    height, width = crop_size or default_crop(experiment_options)
+    model(np.zeros([1, height, width, 3], np.float32), training=False)
+  return model

@@ -1,0 +1,113 @@
+"""The kMaX-DeepLab meta-architecture as a Keras 3 model.
+
+images [batch, height, width, 3] in [0, 255] -> x / 127.5 - 1 -> pixel encoder -> kMaX pixel
+decoder -> kMaX transformer decoder -> MaX head (+ auxiliary semantic decoder and head).
+
+Outputs (DeepLab2's keys, all float32): `semantic_logits` [batch, h, w, classes] (when the
+semantic head is used), `pixel_space_normalized_feature` [batch, h, w, embedding],
+`pixel_space_mask_logits` [batch, h, w, N], `transformer_class_logits` [batch, N, classes],
+and in training `auxiliary_outputs_pred`: one dict per transformer layer with the same three
+MaX keys, the dense ones resized (align corners) to the final output size.
+"""
+
+import keras
+import tensorflow as tf
+
+from deeplab2_kmax import common
+from deeplab2_kmax.model.layers import resize
+
+_DENSE_AUXILIARY_KEYS = (common.PRED_PIXEL_SPACE_MASK_LOGITS,
+                         common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE)
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class KMaXDeepLab(keras.Model):
+  """Composes the sub-networks; each is usable on its own (see their docstrings).
+
+  Args:
+    encoder: images -> endpoints dict (`stage1..5`, `res1..5`).
+    pixel_decoder: endpoints -> endpoints + `decoder_stage*`, `decoder_output`.
+    transformer_decoder: endpoints -> endpoints + transformer features, auxiliary outputs.
+    predictor: MaX head on the transformer decoder's endpoints.
+    semantic_decoder: Optional; endpoints -> semantic features (skipped when
+      `feature_semantic` already has the panoptic resolution, as in DeepLab2).
+    semantic_head: Optional ConvHead -> `semantic_logits`.
+  """
+
+  def __init__(self, encoder, pixel_decoder, transformer_decoder, predictor,
+               semantic_decoder=None, semantic_head=None, **kwargs):
+    super().__init__(**kwargs)
+    self.encoder = encoder
+    self.pixel_decoder = pixel_decoder
+    self.transformer_decoder = transformer_decoder
+    self.predictor = predictor
+    self.semantic_decoder = semantic_decoder
+    self.semantic_head = semantic_head
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, images, training=None):
+    x = tf.cast(images, tf.float32) / 127.5 - 1.0
+    x = tf.cast(x, self.compute_dtype)
+    endpoints = self.encoder(x, training=training)
+    endpoints = self.pixel_decoder(endpoints, training=training)
+    endpoints = self.transformer_decoder(endpoints, training=training)
+    results = dict(self.predictor(endpoints, training=training))
+    if self.semantic_head is not None:
+      semantic = endpoints[common.ENDPOINT_FEATURE_SEMANTIC]
+      if (self.semantic_decoder is not None
+          and semantic.shape[1:3] != endpoints[common.ENDPOINT_FEATURE_PANOPTIC].shape[1:3]):
+        semantic = self.semantic_decoder(endpoints, training=training)
+      results[common.PRED_SEMANTIC_LOGITS] = tf.cast(
+          self.semantic_head(semantic, training=training), tf.float32)
+    if training:
+      size = results[common.PRED_PIXEL_SPACE_MASK_LOGITS].shape[1:3]
+      auxiliary = []
+      for prediction in endpoints[common.PRED_AUXILIARY_OUTPUTS]:
+        prediction = dict(prediction)
+        for key in _DENSE_AUXILIARY_KEYS:
+          prediction[key] = resize.resize_align_corners(prediction[key], size)
+        auxiliary.append(prediction)
+      results[common.PRED_AUXILIARY_OUTPUTS] = tuple(auxiliary)
+    return results
+
+  def components(self):
+    """Named sub-networks (DeepLab2's checkpoint items, grouped) for summaries."""
+    parts = {'encoder': self.encoder, 'pixel_decoder': self.pixel_decoder,
+             'transformer_decoder': self.transformer_decoder, 'predictor': self.predictor}
+    if self.semantic_decoder is not None:
+      parts['semantic_decoder'] = self.semantic_decoder
+    if self.semantic_head is not None:
+      parts['semantic_head'] = self.semantic_head
+    return parts
+
+  def get_build_config(self):
+    # Variables are created by the first call (their paths then nest under the model's name);
+    # a deserialised model is built the same way instead of by Keras' generic build().
+    return None
+
+  def get_config(self):
+    config = super().get_config()
+    for name in ('encoder', 'pixel_decoder', 'transformer_decoder', 'predictor',
+                 'semantic_decoder', 'semantic_head'):
+      layer = getattr(self, name)
+      if layer is None:
+        config[name] = None
+        continue
+      serialized = keras.saving.serialize_keras_object(layer)
+      # Sub-networks are built by the model's first call, inside its name scope.
+      serialized.pop('build_config', None)
+      config[name] = serialized
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    for name in ('encoder', 'pixel_decoder', 'transformer_decoder', 'predictor',
+                 'semantic_decoder', 'semantic_head'):
+      if config.get(name) is not None:
+        config[name] = keras.saving.deserialize_keras_object(config[name])
+    return cls(**config)

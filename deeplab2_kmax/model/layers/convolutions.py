@@ -1,0 +1,314 @@
+"""Convolution wrappers with DeepLab2's padding, optional batch norm and activation.
+
+Strided convolutions pad explicitly and symmetrically (pad (k_eff - 1) // 2 in front and the
+rest behind), so that for crops of size k * 32 + 1 every stride-2 layer maps s to (s - 1) / 2
++ 1 with the input's corners aligned to the output's corners; Keras' 'same' padding would pad
+asymmetrically and shift every feature map by half a pixel.
+
+Sub-layer names ('conv', 'batch_norm', 'depthwise_conv', 'depthwise', 'pointwise') follow
+DeepLab2, so variable paths correspond one to one with its checkpoint keys.
+"""
+
+import keras
+import tensorflow as tf
+
+from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import normalization
+
+
+def _explicit_padding(kernel_size, atrous_rate):
+  effective = kernel_size + (kernel_size - 1) * (atrous_rate - 1)
+  total = effective - 1
+  begin = total // 2
+  return begin, total - begin
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class Conv2DSame(keras.layers.Layer):
+  """Conv2D (+ BN) (+ activation) on [batch, height, width, channels].
+
+  Args:
+    output_channels: Number of output channels.
+    kernel_size: Square kernel size.
+    name: Layer name.
+    strides: Stride; > 1 uses symmetric explicit padding.
+    atrous_rate: Dilation rate.
+    use_bias: Whether the convolution has a bias (not allowed together with use_bn).
+    use_bn: Whether a batch norm follows the convolution.
+    norm_layer: Factory of the batch-norm layer (see normalization.make_norm_layer).
+    bn_gamma_initializer: Initialiser of the BN scale ('zeros' on residual branches).
+    activation: Activation name applied last ('none' for none).
+    kernel_initializer: Kernel initialiser (DeepLab2: he_normal).
+  """
+
+  def __init__(self, output_channels, kernel_size, name, strides=1, atrous_rate=1,
+               use_bias=True, use_bn=False, norm_layer=None, bn_gamma_initializer='ones',
+               activation=None, kernel_initializer='he_normal', **kwargs):
+    super().__init__(name=name, **kwargs)
+    if use_bias and use_bn:
+      raise ValueError('Conv2DSame with a batch norm takes no bias.')
+    self.output_channels = int(output_channels)
+    self.kernel_size = int(kernel_size)
+    self.strides = int(strides)
+    self.atrous_rate = int(atrous_rate)
+    self.use_bias = bool(use_bias)
+    self.use_bn = bool(use_bn)
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.bn_gamma_initializer = bn_gamma_initializer
+    self.activation = activation
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+    self._activation_fn = activations.get_activation(activation)
+    padding = 'same' if self.strides == 1 else 'valid'
+    self._padding = None
+    if self.strides > 1:
+      self._padding = _explicit_padding(self.kernel_size, self.atrous_rate)
+    self._conv = keras.layers.Conv2D(
+        self.output_channels, self.kernel_size, strides=self.strides, padding=padding,
+        dilation_rate=self.atrous_rate, use_bias=self.use_bias,
+        kernel_initializer=self.kernel_initializer, name='conv', dtype=self.dtype_policy)
+    self._batch_norm = None
+    if self.use_bn:
+      self._batch_norm = self.norm_layer(axis=-1, name='batch_norm',
+                                         gamma_initializer=bn_gamma_initializer,
+                                         dtype=self.dtype_policy)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, inputs, training=None):
+    x = inputs
+    if self._padding is not None and self._padding != (0, 0):
+      begin, end = self._padding
+      x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
+    x = self._conv(x)
+    if self._batch_norm is not None:
+      x = self._batch_norm(x, training=training)
+    return self._activation_fn(x)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'output_channels': self.output_channels, 'kernel_size': self.kernel_size,
+        'strides': self.strides, 'atrous_rate': self.atrous_rate, 'use_bias': self.use_bias,
+        'use_bn': self.use_bn, 'bn_gamma_initializer': self.bn_gamma_initializer,
+        'activation': self.activation,
+        'kernel_initializer': keras.initializers.serialize(self.kernel_initializer),
+        'norm_layer': normalization.norm_layer_config(self.norm_layer),
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class DepthwiseConv2DSame(keras.layers.Layer):
+  """Depthwise conv + BN + activation; the kernel is [k, k, channels, 1] like DeepLab2's."""
+
+  def __init__(self, kernel_size, name, strides=1, atrous_rate=1, norm_layer=None,
+               activation=None, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.kernel_size = int(kernel_size)
+    self.strides = int(strides)
+    self.atrous_rate = int(atrous_rate)
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.activation = activation
+    self._activation_fn = activations.get_activation(activation)
+    self._padding = None
+    if self.strides > 1:
+      self._padding = _explicit_padding(self.kernel_size, self.atrous_rate)
+    self._depthwise_conv = keras.layers.DepthwiseConv2D(
+        self.kernel_size, strides=self.strides, padding='same' if self.strides == 1 else 'valid',
+        dilation_rate=self.atrous_rate, use_bias=False,
+        depthwise_initializer='he_normal', name='depthwise_conv', dtype=self.dtype_policy)
+    self._batch_norm = self.norm_layer(axis=-1, name='batch_norm', dtype=self.dtype_policy)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, inputs, training=None):
+    x = inputs
+    if self._padding is not None:
+      begin, end = self._padding
+      x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
+    x = self._depthwise_conv(x)
+    x = self._batch_norm(x, training=training)
+    return self._activation_fn(x)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({'kernel_size': self.kernel_size, 'strides': self.strides,
+                   'atrous_rate': self.atrous_rate, 'activation': self.activation,
+                   'norm_layer': normalization.norm_layer_config(self.norm_layer)})
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class SeparableConv2DSame(keras.layers.Layer):
+  """Depthwise (BN, act) then pointwise 1x1 (BN, act), each a separate sub-layer."""
+
+  def __init__(self, output_channels, kernel_size, name, atrous_rate=1, norm_layer=None,
+               activation=None, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.output_channels = int(output_channels)
+    self.kernel_size = int(kernel_size)
+    self.atrous_rate = int(atrous_rate)
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.activation = activation
+    self._depthwise = DepthwiseConv2DSame(
+        self.kernel_size, 'depthwise', atrous_rate=self.atrous_rate,
+        norm_layer=self.norm_layer, activation=activation, dtype=self.dtype_policy)
+    self._pointwise = Conv2DSame(
+        self.output_channels, 1, 'pointwise', use_bias=False, use_bn=True,
+        norm_layer=self.norm_layer, activation=activation, dtype=self.dtype_policy)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, inputs, training=None):
+    return self._pointwise(self._depthwise(inputs, training=training), training=training)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({'output_channels': self.output_channels, 'kernel_size': self.kernel_size,
+                   'atrous_rate': self.atrous_rate, 'activation': self.activation,
+                   'norm_layer': normalization.norm_layer_config(self.norm_layer)})
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class StackedConv2DSame(keras.layers.Layer):
+  """`num_layers` convolutions named conv1_bn_act, conv2_bn_act, ... (DeepLab2's conv_block).
+
+  conv_type is 'depthwise_separable_conv' or 'standard_conv'.
+  """
+
+  def __init__(self, num_layers, output_channels, kernel_size, name,
+               conv_type='depthwise_separable_conv', norm_layer=None, activation=None,
+               **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.num_layers = int(num_layers)
+    self.output_channels = int(output_channels)
+    self.kernel_size = int(kernel_size)
+    self.conv_type = conv_type
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.activation = activation
+    self._convs = []
+    for index in range(self.num_layers):
+      name_i = f'conv{index + 1}_bn_act'
+      if conv_type == 'depthwise_separable_conv':
+        layer = SeparableConv2DSame(self.output_channels, self.kernel_size, name_i,
+                                    norm_layer=self.norm_layer, activation=activation,
+                                    dtype=self.dtype_policy)
+      elif conv_type == 'standard_conv':
+        layer = Conv2DSame(self.output_channels, self.kernel_size, name_i, use_bias=False,
+                           use_bn=True, norm_layer=self.norm_layer, activation=activation,
+                           dtype=self.dtype_policy)
+      else:
+        raise ValueError(f'Unsupported conv_type "{conv_type}".')
+      self._convs.append(layer)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, inputs, training=None):
+    x = inputs
+    for layer in self._convs:
+      x = layer(x, training=training)
+    return x
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({'num_layers': self.num_layers, 'output_channels': self.output_channels,
+                   'kernel_size': self.kernel_size, 'conv_type': self.conv_type,
+                   'activation': self.activation,
+                   'norm_layer': normalization.norm_layer_config(self.norm_layer)})
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class Conv1D(keras.layers.Layer):
+  """1x1 Conv1D (+ BN) (+ activation) on [batch, length, channels].
+
+  The kernel is [1, in, out] as in DeepLab2 (a Keras Conv1D), so checkpoints map directly.
+  """
+
+  def __init__(self, output_channels, name, use_bias=True, use_bn=False, norm_layer=None,
+               bn_gamma_initializer='ones', activation=None, kernel_initializer='he_normal',
+               **kwargs):
+    super().__init__(name=name, **kwargs)
+    if use_bias and use_bn:
+      raise ValueError('Conv1D with a batch norm takes no bias.')
+    self.output_channels = int(output_channels)
+    self.use_bias = bool(use_bias)
+    self.use_bn = bool(use_bn)
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.bn_gamma_initializer = bn_gamma_initializer
+    self.activation = activation
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+    self._activation_fn = activations.get_activation(activation)
+    self._conv = keras.layers.Conv1D(
+        self.output_channels, 1, use_bias=self.use_bias,
+        kernel_initializer=self.kernel_initializer, name='conv', dtype=self.dtype_policy)
+    self._batch_norm = None
+    if self.use_bn:
+      self._batch_norm = self.norm_layer(axis=-1, name='batch_norm',
+                                         gamma_initializer=bn_gamma_initializer,
+                                         dtype=self.dtype_policy)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def call(self, inputs, training=None):
+    x = self._conv(inputs)
+    if self._batch_norm is not None:
+      x = self._batch_norm(x, training=training)
+    return self._activation_fn(x)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'output_channels': self.output_channels, 'use_bias': self.use_bias,
+        'use_bn': self.use_bn, 'bn_gamma_initializer': self.bn_gamma_initializer,
+        'activation': self.activation,
+        'kernel_initializer': keras.initializers.serialize(self.kernel_initializer),
+        'norm_layer': normalization.norm_layer_config(self.norm_layer),
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)

@@ -1,0 +1,190 @@
+"""Batch normalisation over one or several axes, synchronised across replicas.
+
+Keras 3's BatchNormalization keeps statistics for a single axis. DeepLab2's attention layers
+normalise with per-(term, head[, channel]) statistics, e.g. axis=[0, 2] on a stacked
+[terms, batch, heads, length, length] tensor. `BatchNorm` keeps its statistics with the
+broadcast shape DeepLab2's Keras-2 layer stored (1 in every reduced dimension, e.g.
+[3, 1, 8, 1, 1]); with a single axis the variables are plain vectors [channels]. So the
+variables of both have the same shapes and a checkpoint converts without reshapes.
+
+Statistics are always computed in float32, whatever the compute dtype, because variances of
+bfloat16 activations lose most of their precision.
+"""
+
+import functools
+
+import keras
+import tensorflow as tf
+
+
+def _replica_context():
+  """The replica context when running inside a multi-replica strategy, else None."""
+  if not tf.distribute.has_strategy():
+    return None
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync <= 1:
+    return None
+  return context
+
+
+@keras.saving.register_keras_serializable(package='deeplab2_kmax')
+class BatchNorm(keras.layers.Layer):
+  """Batch normalisation that keeps one statistic per index of `axis`.
+
+  Call on any tensor whose rank matches the build shape; the statistics are reduced over every
+  dimension not in `axis`. In training mode the batch moments are used (summed across replicas
+  when `synchronized` and the current strategy has several), and the moving averages updated
+  with `moving = momentum * moving + (1 - momentum) * batch`.
+
+  Args:
+    axis: An int or a list of ints, the axes that keep separate statistics.
+    momentum: Moving-average momentum (DeepLab2: 0.99).
+    epsilon: Added to the variance (DeepLab2: 1e-3).
+    gamma_initializer: Initialiser of the scale (DeepLab2 zero-initialises the last BN of
+      every residual branch, and uses 0.1 for the mask-logit BN).
+    synchronized: Whether to all-reduce the moments across replicas.
+  """
+
+  def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, gamma_initializer='ones',
+               synchronized=False, **kwargs):
+    super().__init__(**kwargs)
+    self.axis = [int(a) for a in axis] if isinstance(axis, (list, tuple)) else int(axis)
+    self.momentum = float(momentum)
+    self.epsilon = float(epsilon)
+    self.gamma_initializer = keras.initializers.get(gamma_initializer)
+    self.synchronized = bool(synchronized)
+
+  def _axes(self, rank):
+    axes = self.axis if isinstance(self.axis, list) else [self.axis]
+    return sorted(a % rank for a in axes)
+
+  def build(self, input_shape):
+    rank = len(input_shape)
+    axes = self._axes(rank)
+    if len(axes) == 1:
+      param_shape = (int(input_shape[axes[0]]),)
+    else:
+      param_shape = tuple(int(input_shape[d]) if d in axes else 1 for d in range(rank))
+    self._param_shape = param_shape
+    self.gamma = self.add_weight(name='gamma', shape=param_shape,
+                                 initializer=self.gamma_initializer, dtype='float32',
+                                 autocast=False)
+    self.beta = self.add_weight(name='beta', shape=param_shape, initializer='zeros',
+                                dtype='float32', autocast=False)
+    self.moving_mean = self.add_weight(name='moving_mean', shape=param_shape,
+                                       initializer='zeros', trainable=False, dtype='float32',
+                                       autocast=False)
+    self.moving_variance = self.add_weight(name='moving_variance', shape=param_shape,
+                                           initializer='ones', trainable=False,
+                                           dtype='float32', autocast=False)
+
+  def _broadcast_shape(self, rank):
+    axes = self._axes(rank)
+    shape = [1] * rank
+    if len(axes) == 1:
+      shape[axes[0]] = self._param_shape[0]
+    else:
+      shape = list(self._param_shape)
+    return shape
+
+  def _moments(self, x, reduce_axes):
+    context = _replica_context() if self.synchronized else None
+    if context is None:
+      mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
+      return mean, variance
+    local_sum = tf.reduce_sum(x, axis=reduce_axes, keepdims=True)
+    local_squared_sum = tf.reduce_sum(tf.square(x), axis=reduce_axes, keepdims=True)
+    local_count = tf.cast(tf.size(x), tf.float32) / tf.cast(tf.size(local_sum), tf.float32)
+    total_sum, total_squared_sum, total_count = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, [local_sum, local_squared_sum, local_count])
+    mean = total_sum / total_count
+    variance = tf.maximum(total_squared_sum / total_count - tf.square(mean), 0.0)
+    return mean, variance
+
+  def inference_scale_offset(self):
+    """(scale, offset) in the variables' shape: inference computes x * scale + offset.
+
+    Lets a caller fold the normalisation into a neighbouring linear op at inference.
+    """
+    scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+    return scale, self.beta - self.moving_mean * scale
+
+  def _fused_inference(self, inputs):
+    """Inference on [batch, height, width, channels] with TF's fused kernel.
+
+    Grappler fuses FusedBatchNorm with the preceding convolution (and activation) on CPU and
+    GPU; the fused kernel also keeps its arithmetic in float32 for bfloat16/float16 inputs.
+    """
+    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
+        inputs, tf.float32)
+    outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+        epsilon=self.epsilon, is_training=False)
+    return tf.cast(outputs, self.compute_dtype)
+
+  def call(self, inputs, training=None):
+    rank = len(inputs.shape)
+    axes = self._axes(rank)
+    if not training and axes == [rank - 1]:
+      if rank == 4:
+        return self._fused_inference(inputs)
+      # Other ranks with channels last: the same kernel on a [1, 1, elements, channels] view.
+      flat = tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
+      return tf.reshape(self._fused_inference(flat), tf.shape(inputs))
+    x = tf.cast(inputs, tf.float32)
+    shape = self._broadcast_shape(rank)
+    gamma = tf.reshape(self.gamma, shape)
+    beta = tf.reshape(self.beta, shape)
+    if training:
+      reduce_axes = [d for d in range(rank) if d not in axes]
+      mean, variance = self._moments(x, reduce_axes)
+      self.moving_mean.assign(
+          self.momentum * self.moving_mean
+          + (1.0 - self.momentum) * tf.reshape(mean, self._param_shape))
+      self.moving_variance.assign(
+          self.momentum * self.moving_variance
+          + (1.0 - self.momentum) * tf.reshape(variance, self._param_shape))
+    else:
+      mean = tf.reshape(self.moving_mean, shape)
+      variance = tf.reshape(self.moving_variance, shape)
+    scale = gamma * tf.math.rsqrt(variance + self.epsilon)
+    outputs = x * scale + (beta - mean * scale)
+    return tf.cast(outputs, self.compute_dtype)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'axis': self.axis,
+        'momentum': self.momentum,
+        'epsilon': self.epsilon,
+        'gamma_initializer': keras.initializers.serialize(self.gamma_initializer),
+        'synchronized': self.synchronized,
+    })
+    return config
+
+
+def make_norm_layer(momentum=0.99, epsilon=1e-3, synchronized=False):
+  """A factory `norm_layer(axis=..., name=..., gamma_initializer=...)` with fixed solver options.
+
+  Sub-networks take such a factory (DeepLab2's `bn_layer`), so the solver's momentum, epsilon
+  and sync choice reach every BN without each layer knowing about them.
+  """
+  return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon,
+                           synchronized=synchronized)
+
+
+def norm_layer_config(norm_layer):
+  """The keyword arguments of a `make_norm_layer` factory, for `get_config`."""
+  keywords = getattr(norm_layer, 'keywords', {}) or {}
+  return {'momentum': keywords.get('momentum', 0.99), 'epsilon': keywords.get('epsilon', 1e-3),
+          'synchronized': keywords.get('synchronized', False)}
+
+
+def norm_layer_from_config(config):
+  """Inverse of `norm_layer_config`."""
+  if config is None:
+    return make_norm_layer()
+  return make_norm_layer(**config)

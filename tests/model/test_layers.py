@@ -1,0 +1,203 @@
+"""Unit tests of the building blocks at tiny shapes, against hand-computed values."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import axial_attention
+from deeplab2_kmax.model.layers import convolutions
+from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import resize
+
+
+def test_gelu_is_exact_erf_form():
+  x = np.linspace(-3, 3, 13).astype(np.float32)
+  expected = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x]
+  np.testing.assert_allclose(activations.get_activation('gelu')(x), expected, atol=1e-6)
+  # The tanh approximation differs visibly at x = -3 (the case Keras 3 defaults to).
+  approx = activations.get_activation('approximated_gelu')(x)
+  assert abs(float(approx[0]) - expected[0]) > 1e-4
+
+
+def test_multi_axis_batch_norm_statistics_and_shapes():
+  rng = np.random.RandomState(0)
+  x = rng.normal(size=(3, 2, 4, 5, 5)).astype(np.float32) * 3 + 1
+  bn = normalization.BatchNorm(axis=[0, 2], momentum=0.9, epsilon=1e-3)
+  y = bn(x, training=True).numpy()
+  assert tuple(bn.gamma.shape) == (3, 1, 4, 1, 1)
+  assert tuple(bn.moving_mean.shape) == (3, 1, 4, 1, 1)
+  mean = x.mean(axis=(1, 3, 4), keepdims=True)
+  var = x.var(axis=(1, 3, 4), keepdims=True)
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3), atol=1e-4)
+  np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * mean, atol=1e-5)
+  np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * var, atol=1e-4)
+  # Inference uses the moving statistics.
+  y_eval = bn(x, training=False).numpy()
+  expected = (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-3)
+  np.testing.assert_allclose(y_eval, expected, atol=1e-4)
+
+
+def test_single_axis_batch_norm_has_vector_variables():
+  bn = normalization.BatchNorm(axis=-1)
+  bn(np.zeros((2, 3, 7), np.float32))
+  assert [tuple(w.shape) for w in bn.weights] == [(7,)] * 4
+  assert [w.trainable for w in bn.weights] == [True, True, False, False]
+
+
+_SYNC_SCRIPT = """
+import numpy as np
+import tensorflow as tf
+cpus = tf.config.list_physical_devices('CPU')
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from deeplab2_kmax.model.layers import normalization
+strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+with strategy.scope():
+  bn = normalization.BatchNorm(axis=-1, momentum=0.0, synchronized={sync})
+  bn.build((None, 1))
+data = tf.constant([[0.0], [2.0], [4.0], [6.0]])
+dataset = strategy.experimental_distribute_dataset(
+    tf.data.Dataset.from_tensor_slices(data).batch(4))
+outputs = strategy.run(lambda x: bn(x, training=True), args=(next(iter(dataset)),))
+values = np.concatenate([v.numpy() for v in strategy.experimental_local_results(outputs)])
+print('RESULT', float(bn.moving_mean.numpy()[0]), ' '.join(f'{{v:.4f}}' for v in values[:, 0]))
+"""
+
+
+def test_batch_norm_synchronizes_across_replicas():
+  # Two logical CPUs need a fresh TF runtime, hence a subprocess. Each replica holds two of
+  # the four values; synchronised statistics are those of all four (mean 3, variance 5).
+  result = subprocess.run([sys.executable, '-c', _SYNC_SCRIPT.format(sync=True)],
+                          capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0].split()
+  assert float(line[1]) == pytest.approx(3.0)
+  expected = (np.array([0.0, 2.0, 4.0, 6.0]) - 3.0) / np.sqrt(5.0 + 1e-3)
+  np.testing.assert_allclose([float(v) for v in line[2:]], expected, atol=1e-3)
+
+
+def test_conv2d_same_pads_symmetrically_for_strided_convs():
+  conv = convolutions.Conv2DSame(1, 3, 'conv', strides=2, use_bias=False,
+                                 kernel_initializer='ones')
+  y = conv(np.ones((1, 4, 4, 1), np.float32))[0, :, :, 0].numpy()
+  # Windows centred on input rows/cols 0 and 2 (pad 1 in front and behind); Keras 'same'
+  # would centre them on 1 and 3 and give [[9, 6], [6, 4]].
+  np.testing.assert_allclose(y, [[4, 6], [6, 9]])
+  assert convolutions.Conv2DSame(2, 7, 'stem', strides=2)(
+      np.zeros((1, 65, 65, 3), np.float32)).shape == (1, 33, 33, 2)
+
+
+def test_conv1d_kernel_layout_matches_deeplab2():
+  layer = convolutions.Conv1D(5, 'proj', use_bias=False, use_bn=True)
+  layer(np.zeros((2, 4, 3), np.float32))
+  assert tuple(layer._conv.kernel.shape) == (1, 3, 5)
+
+
+def test_resize_align_corners_interpolates_between_corners():
+  x = np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1) * np.ones((1, 3, 3, 1), np.float32)
+  y = resize.resize_align_corners(tf.constant(x), (5, 5))[0, :, 0, 0].numpy()
+  np.testing.assert_allclose(y, [0, 0.5, 1, 1.5, 2])
+
+
+def test_relative_distance_matrix():
+  d = axial_attention.relative_distance_matrix(3, 3)
+  np.testing.assert_array_equal(d, [[254, 255, 256], [253, 254, 255], [252, 253, 254]])
+  big = axial_attention.relative_distance_matrix(300, 300)
+  assert big.min() == 0 and big.max() == 2 * axial_attention.MAX_SPAN - 2
+
+
+def test_axial_attention_shapes_and_limit():
+  layer = axial_attention.AxialAttention2D(16, num_heads=8)
+  y = layer(np.random.RandomState(0).normal(size=(2, 5, 7, 12)).astype(np.float32))
+  assert y.shape == (2, 5, 7, 32)
+  shapes = {w.path.split('/', 1)[1]: tuple(w.shape) for w in layer.weights}
+  assert shapes['height_axis/qkv_kernel'] == (12, 64)
+  assert shapes['height_axis/query_rpe/embeddings'] == (509, 2)
+  assert shapes['height_axis/value_rpe/embeddings'] == (509, 4)
+  assert shapes['height_axis/batch_norm_similarity/gamma'] == (3, 1, 8, 1, 1)
+  assert shapes['height_axis/batch_norm_retrieved_output/gamma'] == (2, 1, 8, 1, 4)
+  with pytest.raises(NotImplementedError):
+    axial_attention.AxialAttention(8, 16, query_shape=129)(np.zeros((1, 130, 4), np.float32))
+
+
+def test_axial_attention_is_position_aware():
+  # Relative positional encodings break permutation equivariance: shifting a constant-free
+  # input along the axis must not simply shift the output unless the RPE cancels.
+  layer = axial_attention.AxialAttention(8, 16, num_heads=2)
+  x = np.random.RandomState(1).normal(size=(1, 6, 4)).astype(np.float32)
+  y = layer(x).numpy()
+  y_perm = layer(x[:, ::-1]).numpy()[:, ::-1]
+  assert not np.allclose(y, y_perm, atol=1e-4)
+
+
+def test_drop_path_mask_values():
+  x = tf.ones((1000, 2, 3))
+  mask = drop_path.generate_drop_path_mask(x, 0.8).numpy()
+  assert mask.shape == (1000, 1, 1)
+  assert set(np.unique(mask).round(5)) <= {0.0, 1.25}
+  assert 0.7 < (mask > 0).mean() < 0.9
+  assert drop_path.linear_keep_prob(0.8, 3) == pytest.approx(0.85)
+  layer = drop_path.DropPath(0.5)
+  np.testing.assert_array_equal(layer(x, training=False), x)
+
+
+def test_fused_inference_path_equals_reference_formula():
+  rng = np.random.RandomState(2)
+  bn = normalization.BatchNorm(axis=-1, epsilon=1e-3)
+  x = rng.normal(size=(2, 5, 5, 6)).astype(np.float32)
+  bn(x, training=True)  # moves the statistics away from (0, 1)
+  bn.gamma.assign(rng.uniform(0.5, 2, 6).astype(np.float32))
+  bn.beta.assign(rng.normal(size=6).astype(np.float32))
+  expected = ((x - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + 1e-3)
+              * bn.gamma.numpy() + bn.beta.numpy())
+  np.testing.assert_allclose(bn(x, training=False), expected, atol=1e-5)
+  # A rank-3 input takes the generic path; same statistics, same result.
+  np.testing.assert_allclose(bn(x.reshape(2, 25, 6), training=False),
+                             expected.reshape(2, 25, 6), atol=1e-5)
+
+
+def test_axial_attention_folded_inference_equals_batch_norm_formula():
+  rng = np.random.RandomState(3)
+  layer = axial_attention.AxialAttention(8, 16, num_heads=2)
+  x = rng.normal(size=(3, 7, 6)).astype(np.float32)
+  layer(x, training=True)
+  for bn in (layer._batch_norm_similarity, layer._batch_norm_retrieved_output,
+             layer._batch_norm_qkv):
+    for variable, low, high in ((bn.gamma, 0.5, 1.5), (bn.beta, -0.3, 0.3),
+                                (bn.moving_mean, -0.3, 0.3), (bn.moving_variance, 0.5, 1.5)):
+      variable.assign(rng.uniform(low, high, variable.shape).astype(np.float32))
+  folded = layer(x, training=False).numpy()
+  # The unfolded formula: stacked terms through the BN layers in inference mode.
+  qkv = layer._batch_norm_qkv(np.einsum('nlc,cd->nld', x, layer.qkv_kernel.numpy()))
+  q, k, v = np.split(np.asarray(qkv), [8, 16], axis=-1)
+  q = q.reshape(3, 7, 2, 4).transpose(0, 2, 1, 3)
+  k = k.reshape(3, 7, 2, 4).transpose(0, 2, 1, 3)
+  v = v.reshape(3, 7, 2, 8)
+  index = axial_attention.relative_distance_matrix(7, 7)
+  rq = layer._query_rpe.embeddings.numpy()[index]
+  rk = layer._key_rpe.embeddings.numpy()[index]
+  rv = layer._value_rpe.embeddings.numpy()[index]
+  sim = np.stack([np.einsum('bhld,bhmd->bhlm', q, k), np.einsum('bhld,lmd->bhlm', q, rq),
+                  np.einsum('bhmd,lmd->bhlm', k, rk)])
+  sim = np.asarray(layer._batch_norm_similarity(sim, training=False)).sum(0)
+  weights = np.exp(sim - sim.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.stack([np.einsum('bhlm,bmhd->bhld', weights, v),
+                  np.einsum('bhlm,lmd->bhld', weights, rv)])
+  out = np.asarray(layer._batch_norm_retrieved_output(out, training=False)).sum(0)
+  expected = out.transpose(0, 2, 1, 3).reshape(3, 7, 16)
+  np.testing.assert_allclose(folded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_under_bfloat16_matches_float32():
+  x = tf.constant(np.linspace(-4, 4, 33), tf.float32)
+  y = activations.get_activation('gelu')(tf.cast(x, tf.bfloat16))
+  assert y.dtype == tf.bfloat16
+  np.testing.assert_allclose(tf.cast(y, tf.float32), tf.nn.gelu(x, approximate=False),
+                             rtol=1e-2, atol=1e-2)
