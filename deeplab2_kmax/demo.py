@@ -19,7 +19,7 @@ from absl import flags
 from deeplab2_kmax import common
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'configs', 'synthetic', 'kmax_r50_os32_synthetic.textproto')
+                      'configs', 'synthetic', 'kmax_r50_os32_synthetic_demo.textproto')
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Folder for data, model and outputs.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 1000, 'Synthetic training images.')

@@ -1,0 +1,51 @@
+"""Trains and/or evaluates an experiment.
+
+    python -m deeplab2_kmax.train --config_file=F --model_dir=D \
+        --mode=train|eval|train_and_eval|continuous_eval [--config_override=...] \
+        [--num_gpus=N] [--tpu=NAME]
+
+The strategy comes from the flags and TF_CONFIG (see deeplab2_kmax/trainer/strategy.py).
+Config and data errors print one line and exit with status 1.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from deeplab2_kmax.config import flags as config_flags
+
+config_flags.define_config_flags()
+_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Run directory: checkpoints, TensorBoard '
+                                 'summaries, eval results.', required=True)
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval',
+                          ['train', 'eval', 'train_and_eval', 'continuous_eval'], 'What to run.')
+_NUM_GPUS = flags.DEFINE_integer('num_gpus', 0, 'GPUs to use (0: CPU; >1: MirroredStrategy).')
+_TPU = flags.DEFINE_string('tpu', '', 'TPU name or grpc:// address (TPUStrategy).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # Imported here so that --help and flag errors do not pay for TensorFlow's start-up.
+  from deeplab2_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    strategy = strategy_lib.create_strategy(num_gpus=_NUM_GPUS.value, tpu=_TPU.value)
+    config = config_flags.load_from_flags(num_replicas=strategy.num_replicas_in_sync)
+    runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy)
+  except (config_lib.ConfigError, pipeline.DataError, trainer.NonFiniteLossError,
+          runner.NoCheckpointError, strategy_lib.StrategyError,
+          checkpoints.CheckpointMismatchError, initial_checkpoint.InitialCheckpointError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,101 @@
+"""Checkpoints of a run: what is saved, where, and resuming after a kill.
+
+The checkpoint holds the global step, each model component under DeepLab2's item names
+(`encoder`, `pixel_decoder`, `transformer_decoder`, `predictor`, ...) and the optimizer(s)
+(`optimizer`, plus `backbone_optimizer` with a backbone learning-rate multiplier). Each item
+is a dict of its variables keyed by their Keras path below the item, '/' written '.'
+(`encoder/stage2.block1.conv1_bn_act.conv.kernel`): Keras 3 keeps sub-layers in its own list
+wrappers, which tf.train.Checkpoint's object graph does not follow, so handing it the layers
+would silently save only the variables outside lists. Optimizer variables are keyed by their
+position (see make_checkpoint).
+tf.train.CheckpointManager writes `ckpt-<step>.{index,data-*}` and then, atomically, the
+`checkpoint` state file; a kill at any moment therefore leaves the previous complete
+checkpoint as the latest one.
+"""
+
+import os
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+from deeplab2_kmax.trainer import strategy as strategy_lib
+
+CHECKPOINT_PREFIX = 'ckpt'
+
+
+def variables_by_path(variables, strip_components: int = 0) -> dict:
+  """{path below the first `strip_components` path components, '/' -> '.': variable}."""
+  result = {}
+  for variable in variables:
+    key = '.'.join(variable.path.split('/')[strip_components:])
+    if key in result:
+      raise ValueError(f'two variables share the checkpoint key "{key}" ({variable.path}); '
+                       'give the layers distinct names.')
+    result[key] = variable
+  return result
+
+
+def make_checkpoint(model, optimizer_groups, global_step: tf.Variable) -> tf.train.Checkpoint:
+  # Paths are '<model name>/<component>/...': key by what follows the component.
+  items = {name: variables_by_path(component.weights, strip_components=2)
+           for name, component in model.components().items()}
+  items['global_step'] = global_step
+  for group in optimizer_groups:
+    name = 'optimizer' if group.name == 'main' else f'{group.name}_optimizer'
+    # Optimizer variable names embed the (uniquified) optimizer and model names, which differ
+    # between two runs in one process; their order (step counter, then slots in variable
+    # order) does not.
+    items[name] = {f'{index:05d}': variable
+                   for index, variable in enumerate(group.optimizer.variables)}
+  return tf.train.Checkpoint(**items)
+
+
+def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, global_step: tf.Variable,
+                 trainer_options, strategy: Optional[tf.distribute.Strategy] = None,
+                 init_fn=None) -> tf.train.CheckpointManager:
+  """A manager in model_dir (a per-worker scratch folder on non-chief workers, which must
+  still write so that the collective save completes)."""
+  directory = model_dir
+  if strategy is not None and not strategy_lib.is_chief(strategy):
+    directory = os.path.join(model_dir, f'worker_{strategy.cluster_resolver.task_id}_tmp')
+  return tf.train.CheckpointManager(
+      checkpoint, directory, max_to_keep=trainer_options.num_checkpoints_to_keep,
+      step_counter=global_step, checkpoint_interval=trainer_options.save_checkpoints_steps,
+      checkpoint_name=CHECKPOINT_PREFIX, init_fn=init_fn)
+
+
+class CheckpointMismatchError(RuntimeError):
+  """A checkpoint in the model directory does not fit the configured model."""
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
+  """Restores `path` into `checkpoint`; every object of `checkpoint` must be found in it.
+
+  Args:
+    partial: allow values in the file that `checkpoint` lacks (e.g. optimizer slots at eval).
+
+  Raises:
+    CheckpointMismatchError: naming the checkpoint and the fix, when a variable is missing or
+      has another shape (the config changed since the checkpoint was written).
+  """
+  try:
+    status = checkpoint.restore(path)
+    if partial:
+      status = status.expect_partial()
+    status.assert_existing_objects_matched()
+  except (ValueError, AssertionError) as error:
+    detail = str(error).splitlines()[0][:300]
+    raise CheckpointMismatchError(
+        f'checkpoint {path} does not fit the configured model ({detail}); the config changed '
+        f'since it was written: use the config it was trained with, or a new --model_dir.'
+    ) from None
+
+
+def restore_latest(manager: tf.train.CheckpointManager) -> Optional[str]:
+  """Restores the newest checkpoint (model, optimizer state, step); returns its path or None."""
+  path = manager.latest_checkpoint
+  if path:
+    restore(manager.checkpoint, path)
+    logging.info('resumed from %s', path)
+  return path

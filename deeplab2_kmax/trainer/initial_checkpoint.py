@@ -1,0 +1,130 @@
+"""Partial restore of `model_options.initial_checkpoint` (fine-tuning, backbone init).
+
+    table = restore_initial_checkpoint(model, path, restore_semantic_last_layer=False,
+                                       restore_instance_last_layer=False)
+
+Reads a checkpoint written by this runner (items keyed as in checkpoints.py:
+`encoder/stage2.block1.conv1_bn_act.conv.kernel`, `predictor/transformer_class_head.kernel`)
+and copies every variable whose shape matches into the model's variable of the same key. Skipped are: everything outside the model components (optimizer slots, step),
+the class-dependent last layers when their restore flag is false (DeepLab2's
+`semantic_last_layer` = `semantic_head/final_conv` and `transformer_class_head`), and variables
+whose shape differs (e.g. a different class count). Returns, and logs, a table of what was
+restored and skipped, with reasons.
+"""
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from deeplab2_kmax.trainer import checkpoints
+
+_OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
+SEMANTIC_LAST_LAYER = 'semantic_head/final_conv.'
+INSTANCE_LAST_LAYER = 'predictor/transformer_class_head.'
+
+
+class InitialCheckpointError(ValueError):
+  """model_options.initial_checkpoint cannot be used; str(error) names it and the fix."""
+
+
+def _checkpoint_variables(path: str):
+  """{tracked path: checkpoint key} of every variable in the checkpoint's object graph."""
+  reader = tf.train.load_checkpoint(path)
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
+  found = {}
+  stack = [(0, '')]
+  seen = set()
+  while stack:
+    node_id, prefix = stack.pop()
+    if node_id in seen:
+      continue
+    seen.add(node_id)
+    node = graph.nodes[node_id]
+    for attribute in node.attributes:
+      if attribute.name == 'VARIABLE_VALUE':
+        found[prefix.rstrip('/')] = attribute.checkpoint_key
+    for child in node.children:
+      stack.append((child.node_id, f'{prefix}{child.local_name}/'))
+  return reader, found
+
+
+def _live(items: dict, path: str):
+  component, _, key = path.partition('/')
+  return items.get(component, {}).get(key)
+
+
+def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bool = True,
+                               restore_instance_last_layer: bool = True,
+                               encoder_only: bool = False,
+                               log_fn: Optional[Callable[[str], None]] = print) -> dict:
+  """Copies matching variables from `path` into `model` (see the module docstring).
+
+  Returns:
+    {'restored': [paths], 'skipped': {path: reason}, 'missing': [model paths not in the file]}.
+  """
+  if tf.io.gfile.isdir(path):
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" is a folder without a '
+                       f'checkpoint; give a checkpoint prefix such as {path}/ckpt-1000.')
+    path = latest
+  try:
+    reader, variables = _checkpoint_variables(path)
+  except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
+    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
+                     f'{str(error).splitlines()[0]}') from None
+  components = {name: checkpoints.variables_by_path(component.weights, strip_components=2)
+                for name, component in model.components().items()}
+  if encoder_only:
+    components = {'encoder': components['encoder']}
+  skip_prefixes = {}
+  if not restore_semantic_last_layer:
+    skip_prefixes[SEMANTIC_LAST_LAYER] = 'restore_semantic_last_layer_from_initial_checkpoint'
+  if not restore_instance_last_layer:
+    skip_prefixes[INSTANCE_LAST_LAYER] = 'restore_instance_last_layer_from_initial_checkpoint'
+  table = {'restored': [], 'skipped': {}, 'missing': []}
+  assigned = set()
+  for tracked, key in sorted(variables.items()):
+    component = tracked.split('/', 1)[0]
+    if component not in components:
+      table['skipped'][tracked] = 'not a model component being restored'
+      continue
+    reason = next((flag for prefix, flag in skip_prefixes.items()
+                   if tracked.startswith(prefix)), None)
+    if reason:
+      table['skipped'][tracked] = f'{reason} is false'
+      continue
+    target = _live(components, tracked)
+    if target is None or not hasattr(target, 'assign'):
+      table['skipped'][tracked] = 'no such variable in the model'
+      continue
+    value = reader.get_tensor(key)
+    if tuple(value.shape) != tuple(target.shape):
+      table['skipped'][tracked] = (f'shape {list(value.shape)} in the checkpoint, '
+                                   f'{list(target.shape)} in the model')
+      continue
+    target.assign(value)
+    assigned.add(id(target))
+    table['restored'].append(tracked)
+  for name, variables in components.items():
+    for key, variable in variables.items():
+      if id(variable) not in assigned:
+        table['missing'].append(f'{name}/{key}')
+  if not table['restored']:
+    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" restored no variable: is it a '
+                     f'checkpoint of this model family? ({len(variables)} variables in it)')
+  if log_fn:
+    log_fn(format_table(path, table))
+  return table
+
+
+def format_table(path: str, table: dict) -> str:
+  lines = [f'[init] {path}: restored {len(table["restored"])} variables, skipped '
+           f'{len(table["skipped"])}, {len(table["missing"])} model variables not restored']
+  lines += [f'  restored  {p}' for p in table['restored']]
+  lines += [f'  skipped   {p}: {why}' for p, why in table['skipped'].items()
+            if why != 'not a model component being restored']
+  lines += [f'  missing   {p}' for p in table['missing']]
+  return '\n'.join(lines)

@@ -1,0 +1,166 @@
+"""Assembles a run: model, loss, optimizers, checkpoints, datasets, Orbit trainer/evaluator and
+Controller, and runs one mode.
+
+    run_experiment(config, mode='train_and_eval', model_dir='runs/x', strategy=strategy)
+
+Modes: 'train' (to training_number_of_steps, checkpointing every save_checkpoints_steps),
+'eval' (the latest checkpoint once), 'train_and_eval' (evaluate every eval_interval steps and
+at the end), 'continuous_eval' (evaluate each new checkpoint until the final step or until no
+new one comes within continuous_eval_timeout seconds).
+"""
+
+import os
+from typing import Callable, Optional
+
+from absl import logging
+import keras
+import orbit
+import tensorflow as tf
+
+from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data import pipeline as pipeline_lib
+from deeplab2_kmax.model import builder as model_builder
+from deeplab2_kmax.model.loss import builder as loss_builder
+from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
+from deeplab2_kmax.trainer import checkpoints
+from deeplab2_kmax.trainer import evaluator as evaluator_lib
+from deeplab2_kmax.trainer import initial_checkpoint
+from deeplab2_kmax.trainer import optimizer as optimizer_lib
+from deeplab2_kmax.trainer import strategy as strategy_lib
+from deeplab2_kmax.trainer import trainer as trainer_lib
+
+MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval')
+
+
+class NoCheckpointError(RuntimeError):
+  """eval mode found no checkpoint to evaluate."""
+
+
+def _distribute(strategy, pipeline, skip_batches: int = 0):
+  def dataset_fn(input_context):
+    dataset = pipeline.dataset(input_context)
+    return dataset.skip(skip_batches) if skip_batches else dataset
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+class Experiment:
+  """Everything of one run, built eagerly under the strategy's scope (see module docstring)."""
+
+  def __init__(self, config, mode: str, model_dir: str,
+               strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print):
+    if mode not in MODES:
+      raise ValueError(f'--mode must be one of {", ".join(MODES)}, got "{mode}".')
+    self.config = config
+    self.mode = mode
+    self.model_dir = model_dir
+    self.strategy = strategy or strategy_lib.create_strategy()
+    self.log_fn = log_fn
+    training = mode in ('train', 'train_and_eval')
+    evaluating = mode != 'train'
+    trainer_options = config.trainer_options
+    train_options = config.train_dataset_options
+    if train_options.deterministic:
+      # Bit-identical reruns (and resumes): seeded initialisation and deterministic kernels.
+      tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(trainer_options.seed)
+    source = train_options if training else config.eval_dataset_options
+    self.descriptor = datasets.from_dataset_options(source)
+    chief = strategy_lib.is_chief(self.strategy)
+    with self.strategy.scope():
+      self.model = model_builder.build_model(config, descriptor=self.descriptor)
+      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step',
+                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.groups = (optimizer_lib.build_optimizers(trainer_options.solver_options, self.model,
+                                                    self.global_step) if training else [])
+      self.checkpoint = checkpoints.make_checkpoint(self.model, self.groups, self.global_step)
+    self.manager = checkpoints.make_manager(self.checkpoint, model_dir, self.global_step,
+                                            trainer_options, self.strategy)
+    latest = self.manager.latest_checkpoint
+    if latest and not training:
+      # Fail here with a readable message rather than inside Orbit's restore.
+      checkpoints.restore(self.checkpoint, latest, partial=True)
+    resumed = checkpoints.restore_latest(self.manager) if training else None
+    if resumed:
+      log_fn(f'[train] resumed from {resumed} at step {int(self.global_step.numpy())}')
+    elif training and config.model_options.initial_checkpoint:
+      # Only a fresh run starts from initial_checkpoint; a resumed one has its own weights.
+      model_options = config.model_options
+      initial_checkpoint.restore_initial_checkpoint(
+          self.model, model_options.initial_checkpoint,
+          restore_semantic_last_layer=(
+              model_options.restore_semantic_last_layer_from_initial_checkpoint),
+          restore_instance_last_layer=(
+              model_options.restore_instance_last_layer_from_initial_checkpoint),
+          log_fn=log_fn)
+    self.files = []
+    self.trainer = self.evaluator = None
+    if training:
+      train_pipeline = pipeline_lib.InputPipeline(train_options, is_training=True,
+                                                  descriptor=self.descriptor)
+      self.files += train_pipeline.files
+      # A deterministic run resumes on the batch it would have seen: skip the consumed ones.
+      skip = int(self.global_step.numpy()) if train_options.deterministic else 0
+      with self.strategy.scope():
+        loss = loss_builder.build_loss(config, self.descriptor)
+      self.trainer = trainer_lib.Trainer(config, self.model, loss, self.groups,
+                                         self.global_step, self.strategy,
+                                         _distribute(self.strategy, train_pipeline, skip),
+                                         log_fn=log_fn)
+    if evaluating:
+      eval_pipeline = pipeline_lib.InputPipeline(config.eval_dataset_options,
+                                                 is_training=False)
+      self.files += eval_pipeline.files
+      self.evaluator = evaluator_lib.Evaluator(
+          config, self.model,
+          post_processor_lib.build_post_processor(config, eval_pipeline.descriptor),
+          eval_pipeline.descriptor, self.global_step, self.strategy,
+          _distribute(self.strategy, eval_pipeline), model_dir=model_dir if chief else None,
+          log_fn=log_fn)
+    total = trainer_options.solver_options.training_number_of_steps
+    steps_per_loop = max(1, min(trainer_options.steps_per_loop, total))
+    summary_interval = trainer_options.save_summaries_steps
+    if summary_interval % steps_per_loop:
+      summary_interval = steps_per_loop * max(1, summary_interval // steps_per_loop)
+    self.controller = orbit.Controller(
+        global_step=self.global_step, trainer=self.trainer, evaluator=self.evaluator,
+        strategy=self.strategy, steps_per_loop=steps_per_loop,
+        checkpoint_manager=self.manager, summary_interval=summary_interval if chief else None,
+        summary_dir=os.path.join(model_dir, 'train') if chief else None,
+        eval_summary_dir=os.path.join(model_dir, 'eval') if chief else None)
+
+  def run(self):
+    """Runs the mode; returns the last evaluation results (None when nothing was evaluated)."""
+    options = self.config.trainer_options
+    total = options.solver_options.training_number_of_steps
+    eval_options = self.config.evaluator_options
+    eval_steps = eval_options.eval_steps
+    try:
+      if self.mode == 'train':
+        self.controller.train(total)
+      elif self.mode == 'train_and_eval':
+        interval = eval_options.eval_interval
+        self.controller.train_and_evaluate(train_steps=total, eval_steps=eval_steps,
+                                           eval_interval=max(1, min(interval, total)))
+      elif self.mode == 'eval':
+        if not self.manager.latest_checkpoint:
+          raise NoCheckpointError(f'no checkpoint in {self.model_dir} to evaluate; train first '
+                                  f'(--mode=train) or point --model_dir at a trained run.')
+        # Optimizer slots in the file are not needed; every model variable must be found.
+        checkpoints.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
+        self.controller.evaluate(eval_steps)
+      else:
+        timeout = eval_options.continuous_eval_timeout
+        self.controller.evaluate_continuously(
+            steps=eval_steps, timeout=None if timeout < 0 else timeout)
+    except tf.errors.OpError as error:
+      message = pipeline_lib.explain_error(error, self.files)
+      if message is None:
+        raise
+      raise pipeline_lib.DataError(message) from None
+    return self.evaluator.last_results if self.evaluator else None
+
+
+def run_experiment(config, mode: str, model_dir: str,
+                   strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print):
+  """Builds an Experiment and runs it; returns the last evaluation results or None."""
+  return Experiment(config, mode, model_dir, strategy, log_fn).run()

@@ -1,0 +1,191 @@
+"""The Orbit trainer: one distributed optimisation step per batch, loss metrics per loop.
+
+Per replica, the per-example loss terms ([per-replica batch]) are summed and divided by the
+*global* batch, so the cross-replica sum of gradients is the gradient of the global-batch
+mean whatever the replica count. A step whose loss has a NaN/Inf term is not applied; the loop
+end then raises NonFiniteLossError naming that step, before Orbit saves a checkpoint, so the
+last checkpoint on disk is the last good state.
+"""
+
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import orbit
+import tensorflow as tf
+
+from deeplab2_kmax import common
+from deeplab2_kmax import progress
+from deeplab2_kmax.trainer import optimizer as optimizer_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training met a NaN/Inf loss; str(error) names the step."""
+
+
+class Trainer(orbit.StandardTrainer):
+  """Trains `model` with `loss` (see the module docstring).
+
+  Args:
+    config: ExperimentOptions.
+    model: built KMaXDeepLab (variables exist).
+    loss: MaskTransformerLoss; called (batch, outputs, seed) -> dict of [batch] tensors.
+    optimizer_groups: from optimizer.build_optimizers (built).
+    global_step: int64 tf.Variable, the step counter of checkpoints and schedules.
+    strategy: the tf.distribute strategy everything was built under.
+    train_dataset: distributed dataset of training batches.
+    log_fn: receives the console line at each loop end (default print).
+  """
+
+  def __init__(self, config, model, loss, optimizer_groups, global_step, strategy,
+               train_dataset, log_fn=print):
+    trainer_options = config.trainer_options
+    super().__init__(train_dataset, orbit.StandardTrainerOptions(use_tf_function=True,
+                                                                 use_tf_while_loop=False))
+    self.config = config
+    self.model = model
+    self.loss = loss
+    self.groups = optimizer_groups
+    self.global_step = global_step
+    self.strategy = strategy
+    self.solver = trainer_options.solver_options
+    self.global_batch = config.train_dataset_options.batch_size
+    self.total_steps = self.solver.training_number_of_steps
+    self.seed = trainer_options.seed
+    self.log_fn = log_fn
+    self.term_names = tuple(loss.loss_terms) + (common.TOTAL_LOSS,)
+    self._group_of = {}
+    for index, group in enumerate(optimizer_groups):
+      for variable in group.variables:
+        self._group_of[id(variable)] = index
+    self.train_variables = [v for g in optimizer_groups for v in g.variables]
+    policy = trainer_options.mixed_precision_policy
+    self.loss_scaled = policy == 'mixed_float16'
+    with strategy.scope():
+      # Loss sums and the step count of the current loop (cross-replica sums).
+      self._sums = {name: tf.Variable(0.0, trainable=False, name=f'sum_{name}')
+                    for name in self.term_names}
+      self._count = tf.Variable(0.0, trainable=False, name='loop_steps')
+      # First step whose loss was not finite (-1: none).
+      self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name='bad_step')
+      self.loss_scale = (tf.Variable(2.0 ** 15, trainable=False, name='loss_scale',
+                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                         if self.loss_scaled else None)
+    self._gradients_fn = (tf.function(self._gradients, jit_compile=True)
+                          if trainer_options.jit_compile else self._gradients)
+    self._loop_start = None
+    self._loop_start_step = 0
+    self._run_start = None
+    self._run_start_step = None
+    self.last_logs = {}
+
+  # ---- Step ----
+
+  def _gradients(self, batch, seed):
+    with tf.GradientTape() as tape:
+      outputs = self.model(batch[common.IMAGE], training=True)
+      losses = self.loss(batch, outputs, seed=seed)
+      scaled = {name: tf.reduce_sum(losses[name]) / self.global_batch
+                for name in self.term_names}
+      objective = scaled[common.TOTAL_LOSS]
+      if self.loss_scaled:
+        objective = objective * self.loss_scale
+    gradients = tape.gradient(objective, self.train_variables)
+    if self.loss_scaled:
+      gradients = [None if g is None else g / self.loss_scale for g in gradients]
+    bad = tf.reduce_sum(losses[common.NON_FINITE_LOSS_COUNT])
+    return scaled, gradients, bad
+
+  def _replica_step(self, batch):
+    context = tf.distribute.get_replica_context()
+    seed = tf.stack([tf.cast(self.seed, tf.int64) * 1009 + tf.cast(
+        context.replica_id_in_sync_group, tf.int64), self.global_step])
+    scaled, gradients, bad = self._gradients_fn(batch, tf.cast(seed, tf.int32))
+    gradient_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                     for g in gradients if g is not None])
+    bad = bad + tf.cast(tf.logical_not(gradient_finite), tf.float32)
+    num_replicas = self.strategy.num_replicas_in_sync
+    if num_replicas > 1:
+      bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    if self.loss_scaled:
+      # Dynamic loss scaling, shrink-only: an overflowing step halves the scale (and is
+      # skipped, which stops training at the loop end like any non-finite step).
+      self.loss_scale.assign(tf.where(bad > 0, self.loss_scale / 2.0, self.loss_scale))
+    if self.solver.use_gradient_clipping:
+      if num_replicas > 1:
+        # Clip the summed gradient; the optimizer sums again, so hand it the per-replica share.
+        gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+      gradients, _ = optimizer_lib.clip_gradients(self.solver, gradients)
+      if num_replicas > 1:
+        gradients = [g / num_replicas for g in gradients]
+    ok = tf.equal(bad, 0.0)
+
+    def apply():
+      for index, group in enumerate(self.groups):
+        pairs = [(g, v) for g, v in zip(gradients, self.train_variables)
+                 if g is not None and self._group_of[id(v)] == index]
+        if pairs:
+          group.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+      return tf.constant(True)
+
+    if num_replicas > 1:
+      # merge_call inside a cond is not allowed; zeroed gradients keep weights finite and the
+      # loop end stops training anyway.
+      gradients = [None if g is None else tf.where(ok, g, tf.zeros_like(g)) for g in gradients]
+      apply()
+    else:
+      tf.cond(ok, apply, lambda: tf.constant(False))
+    return scaled, bad
+
+  def train_loop_begin(self):
+    for variable in self._sums.values():
+      variable.assign(0.0)
+    self._count.assign(0.0)
+    self._loop_start = time.monotonic()
+    self._loop_start_step = int(self.global_step.numpy())
+    if self._run_start is None:
+      self._run_start = self._loop_start
+      self._run_start_step = self._loop_start_step
+
+  def train_step(self, iterator):
+    scaled, bad = self.strategy.run(self._replica_step, args=(next(iterator),))
+    for name in self.term_names:
+      self._sums[name].assign_add(self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                                       scaled[name], axis=None))
+    # Every replica holds the same all-reduced count, so their mean is that count.
+    bad = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, bad, axis=None)
+    self.bad_step.assign(tf.where(tf.logical_and(bad > 0, self.bad_step < 0),
+                                  self.global_step, self.bad_step))
+    self._count.assign_add(1.0)
+    self.global_step.assign_add(1)
+
+  def train_loop_end(self):
+    bad_step = int(self.bad_step.numpy())
+    if bad_step >= 0:
+      raise NonFiniteLossError(
+          f'non-finite (NaN/Inf) loss at step {bad_step}; training stopped and the update was '
+          f'not applied. The last checkpoint in the model directory is the last good state; '
+          f'lower solver_options.base_learning_rate or enable use_gradient_clipping.')
+    count = max(float(self._count.numpy()), 1.0)
+    step = int(self.global_step.numpy())
+    elapsed = time.monotonic() - self._loop_start
+    images_per_second = (step - self._loop_start_step) * self.global_batch / max(elapsed, 1e-9)
+    logs = {f'losses/{name}': float(self._sums[name].numpy()) / count
+            for name in self.term_names}
+    for group in self.groups:
+      suffix = '' if group.name == 'main' else f'_{group.name}'
+      logs[f'learning_rate{suffix}'] = float(group.learning_rate().numpy())
+    logs['images_per_second'] = images_per_second
+    if self.loss_scaled:
+      logs['loss_scale'] = float(self.loss_scale.numpy())
+    run_elapsed = time.monotonic() - self._run_start
+    done = step - self._run_start_step
+    eta = ((self.total_steps - step) * run_elapsed / done) if done > 0 else float('nan')
+    eta_text = progress.format_duration(eta) if done > 0 else '?'
+    self.log_fn(f'[train] step {step}/{self.total_steps} loss '
+                f'{logs["losses/" + common.TOTAL_LOSS]:.6f} lr {logs["learning_rate"]:.2e} '
+                f'{images_per_second:.1f} images/s elapsed '
+                f'{progress.format_duration(run_elapsed)} ETA {eta_text}')
+    self.last_logs = logs
+    return {k: np.float32(v) for k, v in logs.items()}
