@@ -51,26 +51,12 @@ def build(ade20k_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignor
           num_shards: int = 0, num_workers: int = 1, overwrite: bool = False,
           show_progress: bool = True) -> list:
   spec = label_spec(treat_crowd_as_ignore)
-  results = []
-  for split in splits:
-    jobs, defects = split_jobs(ade20k_root, split)
-    errors = [d for d in defects if d.is_error]
-    if errors:
-      raise coco_format.ConversionError(str(errors[0]))
-    if not jobs:
-      continue
-    results.append(conversion.convert_split(
-        output_dir, split, jobs, spec,
-        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
-        show_progress))
-  if not results:
-    raise coco_format.ConversionError(
-        f'{ade20k_root}: no ade20k_panoptic_{{train,val}}.json; fix: point --ade20k_root at '
-        'ADEChallengeData2016/ after running the ADE20K panoptic preparation '
-        '(Mask2Former datasets/prepare_ade20k_pan_seg.py)')
-  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
-      datasets.ADE20K_PANOPTIC, output_dir, [r.split for r in results]))
-  return results
+  return conversion.convert_built_in_splits(
+      ade20k_root, output_dir, splits, split_jobs, spec, datasets.ADE20K_PANOPTIC, NUM_SHARDS,
+      num_shards, num_workers, overwrite, show_progress,
+      f'{ade20k_root}: no ade20k_panoptic_{{train,val}}.json; fix: point --ade20k_root at '
+      'ADEChallengeData2016/ after running the ADE20K panoptic preparation '
+      '(Mask2Former datasets/prepare_ade20k_pan_seg.py)')
 
 
 def define_flags():

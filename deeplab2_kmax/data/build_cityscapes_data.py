@@ -81,25 +81,11 @@ def build(cityscapes_root: str, output_dir: str, splits=SPLITS,
           treat_crowd_as_ignore: bool = True, num_shards: int = 0, num_workers: int = 1,
           overwrite: bool = False, show_progress: bool = True) -> list:
   spec = label_spec(treat_crowd_as_ignore)
-  results = []
-  for split in splits:
-    jobs, defects = split_jobs(cityscapes_root, split)
-    errors = [d for d in defects if d.is_error]
-    if errors:
-      raise coco_format.ConversionError(str(errors[0]))
-    if not jobs:
-      continue
-    results.append(conversion.convert_split(
-        output_dir, split, jobs, None if split == 'test' else spec,
-        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
-        show_progress))
-  if not results:
-    raise coco_format.ConversionError(
-        f'{cityscapes_root}: no leftImg8bit/{{train,val,test}} images; fix: point '
-        '--cityscapes_root at the folder holding leftImg8bit/ and gtFine/')
-  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
-      datasets.CITYSCAPES_PANOPTIC, output_dir, [r.split for r in results]))
-  return results
+  return conversion.convert_built_in_splits(
+      cityscapes_root, output_dir, splits, split_jobs, spec, datasets.CITYSCAPES_PANOPTIC, NUM_SHARDS,
+      num_shards, num_workers, overwrite, show_progress,
+      f'{cityscapes_root}: no leftImg8bit/{{train,val,test}} images; fix: point '
+      '--cityscapes_root at the folder holding leftImg8bit/ and gtFine/')
 
 
 def define_flags():

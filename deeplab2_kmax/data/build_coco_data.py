@@ -52,25 +52,11 @@ def build(coco_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore:
     raise coco_format.ConversionError(f'--coco_root={coco_root} is not a folder')
   descriptor = datasets.get_built_in(datasets.COCO_PANOPTIC)
   spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
-  results = []
-  for split in splits:
-    jobs, defects = split_jobs(coco_root, split)
-    errors = [d for d in defects if d.is_error]
-    if errors:
-      raise coco_format.ConversionError(str(errors[0]))
-    if not jobs:
-      continue
-    results.append(conversion.convert_split(
-        output_dir, split, jobs, None if split == 'test' else spec,
-        conversion.num_shards_for(len(jobs), num_shards, NUM_SHARDS), num_workers, overwrite,
-        show_progress))
-  if not results:
-    raise coco_format.ConversionError(
-        f'{coco_root}: found none of annotations/panoptic_{{train,val}}2017.json or test2017/; '
-        'fix: point --coco_root at the folder holding annotations/ and the image folders')
-  conversion.write_dataset_options(output_dir, conversion.built_in_options_text(
-      datasets.COCO_PANOPTIC, output_dir, [r.split for r in results]))
-  return results
+  return conversion.convert_built_in_splits(
+      coco_root, output_dir, splits, split_jobs, spec, datasets.COCO_PANOPTIC, NUM_SHARDS,
+      num_shards, num_workers, overwrite, show_progress,
+      f'{coco_root}: found none of annotations/panoptic_{{train,val}}2017.json or test2017/; '
+      'fix: point --coco_root at the folder holding annotations/ and the image folders')
 
 
 def define_flags():

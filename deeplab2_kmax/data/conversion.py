@@ -44,6 +44,39 @@ def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.Exampl
                                    show_progress=show_progress)
 
 
+def convert_built_in_splits(root: str, output_dir: str, splits: Sequence[str],
+                            split_jobs: Callable, spec, dataset: str, default_num_shards: int,
+                            num_shards: int, num_workers: int, overwrite: bool,
+                            show_progress: bool, missing_message: str) -> list:
+  """Converts each split of a built-in dataset's source root and writes its dataset options.
+
+  Args:
+    split_jobs: (root, split) -> (jobs, defects); a split with no jobs is skipped.
+    spec: LabelSpec for labelled splits (the "test" split is written without labels).
+    missing_message: ConversionError text when no split was found.
+
+  Returns:
+    A WriteResult per converted split.
+  """
+  results = []
+  for split in splits:
+    jobs, defects = split_jobs(root, split)
+    errors = [d for d in defects if d.is_error]
+    if errors:
+      raise coco_format.ConversionError(str(errors[0]))
+    if not jobs:
+      continue
+    results.append(convert_split(
+        output_dir, split, jobs, None if split == 'test' else spec,
+        num_shards_for(len(jobs), num_shards, default_num_shards), num_workers, overwrite,
+        show_progress))
+  if not results:
+    raise coco_format.ConversionError(missing_message)
+  write_dataset_options(output_dir, built_in_options_text(dataset, output_dir,
+                                                          [r.split for r in results]))
+  return results
+
+
 def write_dataset_options(output_dir: str, text: str, path: Optional[str] = None) -> str:
   """Writes the dataset part of an experiment config (a DatasetOptions textproto fragment) and
   returns its path."""
