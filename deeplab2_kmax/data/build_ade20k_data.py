@@ -52,8 +52,8 @@ def build(ade20k_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignor
           show_progress: bool = True) -> list:
   spec = label_spec(treat_crowd_as_ignore)
   return conversion.convert_built_in_splits(
-      ade20k_root, output_dir, splits, split_jobs, spec, datasets.ADE20K_PANOPTIC, NUM_SHARDS,
-      num_shards, num_workers, overwrite, show_progress,
+      ade20k_root, output_dir, splits, split_jobs, spec, datasets.ADE20K_PANOPTIC,
+      NUM_SHARDS, num_shards, num_workers, overwrite, show_progress,
       f'{ade20k_root}: no ade20k_panoptic_{{train,val}}.json; fix: point --ade20k_root at '
       'ADEChallengeData2016/ after running the ADE20K panoptic preparation '
       '(Mask2Former datasets/prepare_ade20k_pan_seg.py)')

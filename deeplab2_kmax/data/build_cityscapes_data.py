@@ -82,8 +82,8 @@ def build(cityscapes_root: str, output_dir: str, splits=SPLITS,
           overwrite: bool = False, show_progress: bool = True) -> list:
   spec = label_spec(treat_crowd_as_ignore)
   return conversion.convert_built_in_splits(
-      cityscapes_root, output_dir, splits, split_jobs, spec, datasets.CITYSCAPES_PANOPTIC, NUM_SHARDS,
-      num_shards, num_workers, overwrite, show_progress,
+      cityscapes_root, output_dir, splits, split_jobs, spec, datasets.CITYSCAPES_PANOPTIC,
+      NUM_SHARDS, num_shards, num_workers, overwrite, show_progress,
       f'{cityscapes_root}: no leftImg8bit/{{train,val,test}} images; fix: point '
       '--cityscapes_root at the folder holding leftImg8bit/ and gtFine/')
 

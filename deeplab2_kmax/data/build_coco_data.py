@@ -53,8 +53,8 @@ def build(coco_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore:
   descriptor = datasets.get_built_in(datasets.COCO_PANOPTIC)
   spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
   return conversion.convert_built_in_splits(
-      coco_root, output_dir, splits, split_jobs, spec, datasets.COCO_PANOPTIC, NUM_SHARDS,
-      num_shards, num_workers, overwrite, show_progress,
+      coco_root, output_dir, splits, split_jobs, spec, datasets.COCO_PANOPTIC,
+      NUM_SHARDS, num_shards, num_workers, overwrite, show_progress,
       f'{coco_root}: found none of annotations/panoptic_{{train,val}}2017.json or test2017/; '
       'fix: point --coco_root at the folder holding annotations/ and the image folders')
 

@@ -13,7 +13,7 @@ from deeplab2_kmax.model.layers import normalization
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class ASPP(keras.layers.Layer):
+class ASPP(normalization.NormLayerSerializable, keras.layers.Layer):
   """[batch, height, width, channels] -> [batch, height, width, output_channels]."""
 
   def __init__(self, output_channels, atrous_rates=(6, 12, 18), use_only_1x1_proj_conv=False,
@@ -60,12 +60,6 @@ class ASPP(keras.layers.Layer):
                    'activation': self.activation,
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
 
 
 class _ASPPConv(keras.layers.Layer):

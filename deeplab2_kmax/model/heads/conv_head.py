@@ -11,7 +11,7 @@ from deeplab2_kmax.model.layers import normalization
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class ConvHead(keras.layers.Layer):
+class ConvHead(normalization.NormLayerSerializable, keras.layers.Layer):
   """[batch, height, width, channels] -> [batch, height, width, output_channels]."""
 
   def __init__(self, head_channels, output_channels, conv_type='depthwise_separable_conv',
@@ -45,9 +45,3 @@ class ConvHead(keras.layers.Layer):
                    'activation': self.activation,
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

@@ -39,7 +39,7 @@ def void_bias(num_classes):
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class MaXHead(keras.layers.Layer):
+class MaXHead(normalization.NormLayerSerializable, keras.layers.Layer):
   """call(features) -> {normalized feature, mask logits, class logits}.
 
   features: `feature_panoptic` [batch, height, width, channels], `transformer_class_feature`
@@ -120,9 +120,3 @@ class MaXHead(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

@@ -18,7 +18,7 @@ from deeplab2_kmax.model.layers import resize
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class SemanticDecoder(keras.layers.Layer):
+class SemanticDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
   """call(endpoints) -> [batch, h, w, decoder_channels] at the last low-level key's stride.
 
   Args:
@@ -93,9 +93,3 @@ class SemanticDecoder(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

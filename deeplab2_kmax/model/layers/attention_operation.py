@@ -12,7 +12,7 @@ from deeplab2_kmax.model.layers import normalization
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class AttentionOperation(keras.layers.Layer):
+class AttentionOperation(normalization.NormLayerSerializable, keras.layers.Layer):
   """call((query, key, value)) -> [batch, query_length, heads * value_channels].
 
   query [batch, heads, query_length, channels], key [batch, heads, key_length, channels],
@@ -52,9 +52,3 @@ class AttentionOperation(keras.layers.Layer):
     config.update({'activation': self.activation,
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

@@ -57,7 +57,7 @@ class RelativePositionalEncoding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class AxialAttention(keras.layers.Layer):
+class AxialAttention(normalization.NormLayerSerializable, keras.layers.Layer):
   """Global 1-D multi-head attention with relative positional encodings.
 
   Input [batch, length, channels]; output [batch, length, total_value_depth].
@@ -195,15 +195,9 @@ class AxialAttention(keras.layers.Layer):
     })
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class AxialAttention2D(keras.layers.Layer):
+class AxialAttention2D(normalization.NormLayerSerializable, keras.layers.Layer):
   """Height-axis then width-axis axial attention on [batch, height, width, channels].
 
   Output [batch, height / strides, width / strides, filters * value_expansion]; a stride
@@ -260,9 +254,3 @@ class AxialAttention2D(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

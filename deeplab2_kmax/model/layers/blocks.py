@@ -15,7 +15,7 @@ from deeplab2_kmax.model.layers import normalization
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class ResidualBlock(keras.layers.Layer):
+class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
   """Bottleneck (3 filters), axial bottleneck (3 filters + 'axial') or basic block (2 filters).
 
   Input [batch, height, width, channels] (non-activated); output [batch, height / strides,
@@ -108,15 +108,9 @@ class ResidualBlock(keras.layers.Layer):
     })
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class BlockGroup(keras.layers.Layer):
+class BlockGroup(normalization.NormLayerSerializable, keras.layers.Layer):
   """A stage: `num_blocks` residual blocks named block1, block2, ...; the first one strides.
 
   Input and output are non-activated [batch, height, width, channels].
@@ -200,9 +194,3 @@ class BlockGroup(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

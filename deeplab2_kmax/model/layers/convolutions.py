@@ -24,7 +24,7 @@ def _explicit_padding(kernel_size, atrous_rate):
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class Conv2DSame(keras.layers.Layer):
+class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   """Conv2D (+ BN) (+ activation) on [batch, height, width, channels].
 
   Args:
@@ -99,15 +99,9 @@ class Conv2DSame(keras.layers.Layer):
     })
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class DepthwiseConv2DSame(keras.layers.Layer):
+class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   """Depthwise conv + BN + activation; the kernel is [k, k, channels, 1] like DeepLab2's."""
 
   def __init__(self, kernel_size, name, strides=1, atrous_rate=1, norm_layer=None,
@@ -149,15 +143,9 @@ class DepthwiseConv2DSame(keras.layers.Layer):
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class SeparableConv2DSame(keras.layers.Layer):
+class SeparableConv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   """Depthwise (BN, act) then pointwise 1x1 (BN, act), each a separate sub-layer."""
 
   def __init__(self, output_channels, kernel_size, name, atrous_rate=1, norm_layer=None,
@@ -190,15 +178,9 @@ class SeparableConv2DSame(keras.layers.Layer):
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class StackedConv2DSame(keras.layers.Layer):
+class StackedConv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   """`num_layers` convolutions named conv1_bn_act, conv2_bn_act, ... (DeepLab2's conv_block).
 
   conv_type is 'depthwise_separable_conv' or 'standard_conv'.
@@ -248,15 +230,9 @@ class StackedConv2DSame(keras.layers.Layer):
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class Conv1D(keras.layers.Layer):
+class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
   """1x1 Conv1D (+ BN) (+ activation) on [batch, length, channels].
 
   The kernel is [1, in, out] as in DeepLab2 (a Keras Conv1D), so checkpoints map directly.
@@ -306,9 +282,3 @@ class Conv1D(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

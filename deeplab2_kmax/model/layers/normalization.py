@@ -188,3 +188,18 @@ def norm_layer_from_config(config):
   if config is None:
     return make_norm_layer()
   return make_norm_layer(**config)
+
+
+class NormLayerSerializable:
+  """Mixin for layers whose `norm_layer` argument is a factory (serialised by
+  norm_layer_config): from_config rebuilds the factory before calling the constructor.
+
+  List it before the Keras base class: class Block(NormLayerSerializable, keras.layers.Layer).
+  """
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config['norm_layer'] = norm_layer_from_config(config.get('norm_layer'))
+    return cls(**config)
+

@@ -14,7 +14,7 @@ from deeplab2_kmax.model.layers import resize
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class ResizedFuse(keras.layers.Layer):
+class ResizedFuse(normalization.NormLayerSerializable, keras.layers.Layer):
   """call([x_1, ..., x_n]) -> sum of the n inputs mapped to [batch, height, width, channels].
 
   height and width default to the spatial size of the last input at each call (kMaX fuses the
@@ -74,9 +74,3 @@ class ResizedFuse(keras.layers.Layer):
                    'activation': self.activation,
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

@@ -17,7 +17,7 @@ def conv_stem(channels, norm_layer, dtype=None):
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class InceptionStem(keras.layers.Layer):
+class InceptionStem(normalization.NormLayerSerializable, keras.layers.Layer):
   """3x3/2 (64, BN, act) -> 3x3 (64, BN, act) -> 3x3 (128, BN), widths x width_multiplier."""
 
   def __init__(self, width_multiplier=1.0, activation='relu', norm_layer=None, **kwargs):
@@ -50,9 +50,3 @@ class InceptionStem(keras.layers.Layer):
     config.update({'width_multiplier': self.width_multiplier, 'activation': self.activation,
                    'norm_layer': normalization.norm_layer_config(self.norm_layer)})
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

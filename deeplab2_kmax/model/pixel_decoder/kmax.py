@@ -34,7 +34,7 @@ def default_options(high_resolution_output_stride=4):
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class KMaXPixelDecoder(keras.layers.Layer):
+class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
   """call(endpoints) -> endpoints + decoder_stage1..S-1 and decoder_output.
 
   Input: a dict with `stage5` [batch, h32, w32, c5], `stage4` [batch, h16, w16, c4], ... down
@@ -110,9 +110,3 @@ class KMaXPixelDecoder(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)

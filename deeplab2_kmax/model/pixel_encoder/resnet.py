@@ -28,7 +28,7 @@ DROP_PATH_BEYOND_STRIDE = 16
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class ResNet(keras.layers.Layer):
+class ResNet(normalization.NormLayerSerializable, keras.layers.Layer):
   """(Axial-)ResNet-50 returning a dict of endpoints from a [batch, height, width, 3] input.
 
   Args:
@@ -123,12 +123,6 @@ class ResNet(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
 
 
 def math_log2(value):

@@ -28,7 +28,7 @@ from deeplab2_kmax.model.layers import normalization
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class KMaXTransformerLayer(keras.layers.Layer):
+class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Layer):
   """call((pixel_feature, centers)) -> (new centers [batch, N, D], auxiliary prediction dict).
 
   pixel_feature [batch, height, width, Cp] (non-activated), centers [batch, N, D].
@@ -161,15 +161,9 @@ class KMaXTransformerLayer(keras.layers.Layer):
     })
     return config
 
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class KMaXTransformerDecoder(keras.layers.Layer):
+class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
   """call(endpoints) -> endpoints + transformer features and auxiliary predictions.
 
   Reads `decoder_stage{i}` at stride 32 / 2^(i-1) for the layers at that stride,
@@ -268,9 +262,3 @@ class KMaXTransformerDecoder(keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config['norm_layer'] = normalization.norm_layer_from_config(config.get('norm_layer'))
-    return cls(**config)
