@@ -23,7 +23,10 @@ class PanopticMaps(NamedTuple):
 def _region_size(region_ids: tf.Tensor, num_regions: int) -> tf.Tensor:
   """Pixel count of each pixel's region; region_ids int32 [batch, H, W] in [0, num_regions)."""
   flat = tf.reshape(region_ids, [tf.shape(region_ids)[0], -1])
-  counts = tf.math.bincount(flat, minlength=num_regions, maxlength=num_regions, axis=-1)
+  # tf.math.bincount derives its output size from the data (max id + 1, clipped), which XLA
+  # cannot compile; the raw op with a constant size can.
+  counts = tf.raw_ops.DenseBincount(input=flat, size=tf.constant(num_regions, tf.int32),
+                                    weights=tf.zeros([0], tf.int32), binary_output=False)
   return tf.reshape(tf.gather(counts, flat, batch_dims=1), tf.shape(region_ids))
 
 
