@@ -71,7 +71,7 @@ def synthetic_batch(descriptor, crop_size, max_thing_id: int, scene_seeds, max_t
   return batch, np.stack(labels)
 
 
-def overfit_one_image(experiment_options, *, steps: int = 150, learning_rate: float = 3e-3,
+def overfit_one_image(experiment_options, *, steps: int = 150, learning_rate: float = 1e-2,
                       scene_seed: int = 0, seed: int = 0, jit_compile: bool = False,
                       build_model: Callable = builder.build_model,
                       log_every: Optional[int] = None) -> OverfitResult:
@@ -137,6 +137,7 @@ def overfit_one_image(experiment_options, *, steps: int = 150, learning_rate: fl
   accumulator = panoptic_quality.PanopticQualityAccumulator.from_descriptor(descriptor)
   accumulator.update_panoptic(panoptic_gt, panoptic_pred)
   results = accumulator.results()
-  return OverfitResult(losses=history, pq=float(results[panoptic_quality.ALL][panoptic_quality.PQ]),
+  pq = float(results[panoptic_quality.ALL][panoptic_quality.PQ])
+  return OverfitResult(losses=history, pq=pq,
                        pq_results=results, panoptic_pred=panoptic_pred, panoptic_gt=panoptic_gt,
                        seconds=seconds)
