@@ -12,6 +12,10 @@ each pixel's best slot with no thresholds at all; `instance_pred` is slot + 1 on
 in `panoptic_pred` (0 elsewhere). With `eval_batch` (holding size_raw and resized_size, int32
 [B, 2]) every map is cropped to resized_size and resized to size_raw; the result is
 [B, max raw height, max raw width], padded with void.
+
+Everything compiles with XLA (`tf.function(jit_compile=True)`) and gives the graph-mode ids
+exactly. With `eval_batch` the output shape depends on size_raw, so XLA takes it as a
+compile-time constant and compiles once per distinct size_raw batch.
 """
 
 from typing import Mapping, Optional, Sequence
