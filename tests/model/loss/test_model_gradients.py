@@ -53,12 +53,12 @@ def _gradients(model, loss, batch):
 def test_every_trainable_variable_gets_a_gradient(tiny_options):
   options = _experiment(tiny_options)
   descriptor = builder.dataset_descriptor(options)
-  model = builder.build_model(options)
+  model = builder.build_model(options, crop_size=(33, 33))
   loss = loss_builder.build_loss(options, descriptor)
   assert loss.loss_terms.count(common.INSTANCE_DISCRIMINATION_LOSS) == 1
   # Two images: a BN over a globally pooled [1, 1, 1, C] map of a single image normalises it to
   # zero, which would cut the gradient of the ASPP pooling branch.
-  batch, _ = overfit.synthetic_batch(descriptor, (65, 65), 8, scene_seeds=[0, 1])
+  batch, _ = overfit.synthetic_batch(descriptor, (33, 33), 8, scene_seeds=[0, 1])
 
   gradients = _gradients(model, loss, batch)
   assert [path for path, g in gradients.items() if g is None] == []
