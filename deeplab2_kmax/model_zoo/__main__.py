@@ -81,33 +81,43 @@ def _convert(args) -> int:
   return 0
 
 
+def _readme(check: bool) -> int:
+  from deeplab2_kmax.model_zoo import registry  # pylint: disable=g-import-not-at-top
+  text = registry.render_readme()
+  if not check:
+    registry.README_PATH.write_text(text)
+    print(f'wrote {registry.README_PATH}')
+    return 0
+  current = registry.README_PATH.read_text() if registry.README_PATH.exists() else ''
+  if current != text:
+    print(f'{registry.README_PATH} is out of date; run python -m deeplab2_kmax.model_zoo '
+          'readme', file=sys.stderr)
+    return 1
+  return 0
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  # TensorFlow is imported only by `convert`, so that list/download/readme start quickly.
   from deeplab2_kmax.config import loader  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model_zoo import convert, download, registry  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.model_zoo import download, registry  # pylint: disable=g-import-not-at-top
+  errors = (registry.RegistryError, download.DownloadError, download.UnsafeArchiveError,
+            loader.ConfigError)
   try:
     if args.command == 'list':
       return _list()
     if args.command == 'download':
       print(download.fetch_checkpoint(args.name, url=args.url))
       return 0
-    if args.command == 'convert':
-      return _convert(args)
-    text = registry.render_readme()
-    if args.check:
-      current = registry.README_PATH.read_text() if registry.README_PATH.exists() else ''
-      if current != text:
-        print(f'{registry.README_PATH} is out of date; run python -m deeplab2_kmax.model_zoo '
-              'readme', file=sys.stderr)
-        return 1
-      return 0
-    registry.README_PATH.write_text(text)
-    print(f'wrote {registry.README_PATH}')
-    return 0
-  except (registry.RegistryError, download.DownloadError, download.UnsafeArchiveError,
-          convert.ConversionError, loader.ConfigError,
-          initial_checkpoint.InitialCheckpointError) as error:
+    if args.command == 'readme':
+      return _readme(args.check)
+    from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+    from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+    errors += (convert.ConversionError, initial_checkpoint.InitialCheckpointError)
+    return _convert(args)
+  except Exception as error:  # pylint: disable=broad-except
+    if not isinstance(error, errors):
+      raise
     print(f'error: {error}', file=sys.stderr)
     return 2
 

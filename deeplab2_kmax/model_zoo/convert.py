@@ -133,13 +133,14 @@ def from_deeplab2(reader, model, allow_class_mismatch: bool = False,
   variables = checkpoint_map.model_variable_paths(model)
   report = ConversionReport(source=source or getattr(reader, 'name', '') or 'checkpoint')
   assigned = set()
-  for key, source_key in sorted(_variable_keys(reader.get_variable_to_shape_map()).items()):
+  shapes = reader.get_variable_to_shape_map()
+  for key, source_key in sorted(_variable_keys(shapes).items()):
     path = checkpoint_map.upstream_to_ours(key)
     if path is None or path not in variables:
       report.unused.append(source_key)
       continue
     target_shape = tuple(variables[path].shape)
-    shape = tuple(reader.get_variable_to_shape_map()[source_key])
+    shape = tuple(shapes[source_key])
     if not checkpoint_map.layouts_compatible(shape, target_shape):
       report.mismatched.append((source_key, shape, our_keys[path], target_shape))
       continue
