@@ -183,9 +183,15 @@ def test_imagenet_encoder_checkpoint_maps_into_the_encoder(tiny_models, tmp_path
   assert report.problems == [] and all(not k.startswith('encoder/') for k in report.unmapped)
   assert {k for k in report.values} == {k for k in convert.our_variable_keys(fresh).values()
                                         if k.startswith('encoder/')}
-  table = initial_checkpoint.restore_initial_checkpoint(fresh, path, encoder_only=True,
-                                                        log_fn=None)
-  assert table['missing'] == []
+  # As backbone.pretrained_weights of a fresh training run (the runner's restore step).
+  from deeplab2_kmax.protos import model_pb2  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  options = model_pb2.ModelOptions()
+  options.backbone.pretrained_weights = path
+  lines = []
+  runner._restore_pretrained(fresh, options, lines.append)  # pylint: disable=protected-access
+  assert 'DeepLab2 layout, converted' in lines[-1] and '0 model variables not restored' in (
+      lines[-1])
   for path_, variable in checkpoint_map.model_variable_paths(fresh).items():
     want = expected[path_] if path_.startswith('encoder/') else np.zeros(variable.shape)
     np.testing.assert_array_equal(variable.numpy(), want, err_msg=path_)
@@ -212,3 +218,36 @@ def test_fine_tuning_to_another_class_count(tiny_models, tmp_path):
       log_fn=None)
   assert sorted(table['missing']) == sorted(report.allowed)
   assert len(table['restored']) == len(target.weights) - len(report.allowed)
+
+
+def test_convert_command_line(tiny_models, tmp_path, capsys):
+  from deeplab2_kmax.model_zoo import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from tests.model.conftest import TINY_TEXTPROTO as text  # pylint: disable=g-import-not-at-top
+  model = tiny_models('resnet50')
+  _randomise(model, seed=7)
+  source = convert.write_deeplab2_checkpoint(convert.to_deeplab2(model), str(tmp_path / 'dl2'))
+  config = tmp_path / 'tiny.textproto'
+  config.write_text(text)
+  output = str(tmp_path / 'ours' / 'ckpt')
+  assert cli.main(['convert', f'--from={source}', f'--config_file={config}',
+                   f'--output={output}']) == 0
+  assert f'assigned {len(model.weights)} variables, 0 unassigned' in capsys.readouterr().out
+  values = convert.read_our_checkpoint(output)
+  expected = convert.our_variable_keys(model)
+  variables = checkpoint_map.model_variable_paths(model)
+  assert set(values) == set(expected.values())
+  for path, key in expected.items():
+    np.testing.assert_array_equal(values[key], variables[path].numpy(), err_msg=key)
+  # The reverse gives DeepLab2's keys and values back.
+  back = str(tmp_path / 'back' / 'ckpt')
+  assert cli.main(['convert', '--to_deeplab2', f'--from={output}', f'--config_file={config}',
+                   f'--output={back}']) == 0
+  reader = tf.train.load_checkpoint(back)
+  for key, value in convert.to_deeplab2(model).items():
+    np.testing.assert_array_equal(reader.get_tensor(key), value, err_msg=key)
+  # Another class count is refused with the fix in the message (the allowed case is
+  # test_fine_tuning_to_another_class_count).
+  config.write_text(text.replace('output_channels: 7', 'output_channels: 5'))
+  assert cli.main(['convert', f'--from={source}', f'--config_file={config}',
+                   f'--output={output}-5']) == 2
+  assert 'allow the class-dependent last layers' in capsys.readouterr().err
