@@ -109,7 +109,10 @@ def is_convnext(model) -> bool:
 
 def _variable_keys(shape_map: dict) -> dict:
   """{DeepLab2 key (with an `encoder/` item for encoder-only files): source key}."""
-  keys = [key for key in shape_map if key.endswith(checkpoint_map.CHECKPOINT_SUFFIX)]
+  # Optimizer slots of a training checkpoint (`<variable>/.OPTIMIZER_SLOT/optimizer/m/...`)
+  # are not model variables.
+  keys = [key for key in shape_map if key.endswith(checkpoint_map.CHECKPOINT_SUFFIX)
+          and '/.OPTIMIZER_SLOT/' not in key]
   if keys and not any(key.split('/', 1)[0] in DEEPLAB2_ITEMS for key in keys):
     return {f'encoder/{key}': key for key in keys}  # An encoder's own save_weights file.
   return {key: key for key in keys}

@@ -176,8 +176,8 @@ def check_members(archive: tarfile.TarFile, target: str,
                   max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES) -> list:
   """The archive's members after refusing any that could write outside `target`.
 
-  Refused: absolute names, `..` components, symbolic or hard links pointing outside,
-  devices and FIFOs, and archives whose files add up to more than `max_bytes`.
+  Refused: absolute names, `..` components, symbolic or hard links pointing outside or
+  through `..`, devices and FIFOs, and archives whose files add up to more than `max_bytes`.
   """
   root = os.path.realpath(target)
   members, total = [], 0
@@ -195,9 +195,12 @@ def check_members(archive: tarfile.TarFile, target: str,
       link = member.linkname
       base = os.path.dirname(destination) if member.issym() else root
       pointed = os.path.realpath(os.path.join(base, link))
-      if os.path.isabs(link) or not _is_within(root, pointed):
-        raise UnsafeArchiveError(f'{where} links to "{link}" outside the target folder; '
-                                 'refusing to extract.')
+      # A `..` in a link target is refused even when it stays inside: resolved through other
+      # links of the archive (not on disk yet while checking) it could lead out.
+      if (os.path.isabs(link) or '..' in pathlib.PurePosixPath(link).parts
+          or not _is_within(root, pointed)):
+        raise UnsafeArchiveError(f'{where} links to "{link}" outside the target folder (or '
+                                 'through ".."); refusing to extract.')
     elif not (member.isfile() or member.isdir()):
       raise UnsafeArchiveError(f'{where} is a device or FIFO; refusing to extract.')
     total += member.size if member.isfile() else 0

@@ -139,7 +139,8 @@ def render_readme(registry: Optional[dict] = None) -> str:
     for entry in entries:
       backbone = entry.backbone + (f' ({entry.note})' if entry.note else '')
       row = [f'[`{entry.name}`]({entry.url})', backbone]
-      row += [_format_metric(key, entry.metrics[key]) if key in entry.metrics else '' for key in metrics]
+      row += [_format_metric(key, entry.metrics[key]) if key in entry.metrics else ''
+              for key in metrics]
       row.append(f'[`{entry.config}`](../{entry.config})')
       lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')

@@ -5,7 +5,8 @@
 
 Reads a checkpoint written by this runner (items keyed as in checkpoints.py:
 `encoder/stage2.block1.conv1_bn_act.conv.kernel`, `predictor/transformer_class_head.kernel`)
-and copies every variable whose shape matches into the model's variable of the same key. Skipped are: everything outside the model components (optimizer slots, step),
+and copies every variable whose shape matches into the model's variable of the same key.
+Skipped are: everything outside the model components (optimizer slots, step),
 the class-dependent last layers when their restore flag is false (DeepLab2's
 `semantic_last_layer` = `semantic_head/final_conv` and `transformer_class_head`), and variables
 whose shape differs (e.g. a different class count). Returns, and logs, a table of what was
@@ -74,8 +75,7 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
   try:
     keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
-    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
-                                 f'{str(error).splitlines()[0]}') from None
+    raise _unreadable(path, error) from None
   from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
   if convert.is_deeplab2_layout(keys):
     with tempfile.TemporaryDirectory(prefix='deeplab2_converted_') as scratch:
@@ -89,6 +89,11 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
     return table
   return _restore_ours(model, path, restore_semantic_last_layer, restore_instance_last_layer,
                        encoder_only, log_fn)
+
+
+def _unreadable(path: str, error: Exception) -> InitialCheckpointError:
+  return InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
+                                f'{str(error).splitlines()[0]}')
 
 
 def resolve_checkpoint_path(path: str) -> str:
@@ -143,8 +148,7 @@ def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
   try:
     reader, variables = checkpoint_variables(path)
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
-    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
-                     f'{str(error).splitlines()[0]}') from None
+    raise _unreadable(path, error) from None
   components = {name: checkpoints.variables_by_path(component.weights, strip_components=2)
                 for name, component in model.components().items()}
   if encoder_only:
@@ -183,8 +187,9 @@ def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
       if id(variable) not in assigned:
         table['missing'].append(f'{name}/{key}')
   if not table['restored']:
-    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" restored no variable: is it a '
-                     f'checkpoint of this model family? ({len(variables)} variables in it)')
+    raise InitialCheckpointError(
+        f'model_options.initial_checkpoint "{path}" restored no variable: is it a checkpoint '
+        f'of this model family? ({len(variables)} variables in it)')
   if log_fn:
     log_fn(format_table(path, table))
   return table

@@ -180,6 +180,12 @@ def test_imagenet_encoder_checkpoint_maps_into_the_encoder(tiny_models, tmp_path
   report = convert.from_deeplab2(tf.train.load_checkpoint(path), fresh, encoder_only=True)
   report.check()
   assert report.unused == [classifier]
+  # Optimizer slots of a training checkpoint are neither assigned nor reported.
+  slot = ('stages/0/layer_with_weights-0/layer_scale/.OPTIMIZER_SLOT/optimizer/m'
+          + checkpoint_map.CHECKPOINT_SUFFIX)
+  with_slot = convert.from_deeplab2(_ValuesReader({**encoder_only, slot: np.zeros(4)}), fresh,
+                                    encoder_only=True)
+  assert with_slot.unused == [classifier] and len(with_slot.values) == len(report.values)
   assert report.problems == [] and all(not k.startswith('encoder/') for k in report.unmapped)
   assert {k for k in report.values} == {k for k in convert.our_variable_keys(fresh).values()
                                         if k.startswith('encoder/')}

@@ -185,6 +185,8 @@ def _add_link(archive, name, target, kind=tarfile.SYMTYPE):
     (lambda a: _add_link(a, 'ckpt/link', '/etc/passwd'), 'outside the target'),
     (lambda a: _add_link(a, 'ckpt/link', '../../outside'), 'outside the target'),
     (lambda a: _add_link(a, 'ckpt/hard', '../outside', tarfile.LNKTYPE), 'outside the target'),
+    # Inside on its own, but chained with other links a ".." could lead out: refused.
+    (lambda a: _add_link(a, 'ckpt/sub/up', '..'), r'through "\.\."'),
     (lambda a: _add_file(a, 'big.bin', b'x' * 2000), 'more than 1000 bytes'),
 ])
 def test_unsafe_archives_are_refused(tmp_path, add, reason):
