@@ -24,16 +24,16 @@ import tensorflow as tf
 
 from deeplab2_kmax.model import checkpoint_map
 from deeplab2_kmax.trainer import checkpoints
+from deeplab2_kmax.trainer import initial_checkpoint
 
 # DeepLab2's top-level checkpoint items (kmax_deeplab.py checkpoint_items).
 DEEPLAB2_ITEMS = ('encoder', 'pixel_decoder', 'transformer_decoder', 'semantic_decoder',
                   'pixel_space_head', 'transformer_mask_head', 'transformer_class_head',
                   'pixel_space_feature_batch_norm', 'pixel_space_mask_batch_norm',
                   'semantic_head_without_last_layer', 'semantic_last_layer')
-# Our checkpoint-key prefixes of the class-dependent last layers (the main heads and the
-# auxiliary heads inside every transformer-decoder layer): their shape follows the class count.
-CLASS_DEPENDENT_PATTERNS = ('semantic_head/final_conv.', 'predictor/transformer_class_head.',
-                            'transformer_class_head.')
+# The class-dependent last layers (their shape follows the class count): the main semantic and
+# class heads, and the auxiliary class head inside every transformer-decoder layer.
+_AUXILIARY_CLASS_HEAD = '.transformer_class_head.'
 
 
 class ConversionError(ValueError):
@@ -41,8 +41,10 @@ class ConversionError(ValueError):
 
 
 def is_class_dependent(our_key: str) -> bool:
-  return (our_key.startswith(CLASS_DEPENDENT_PATTERNS[:2])
-          or f'.{CLASS_DEPENDENT_PATTERNS[2]}' in our_key)
+  """Whether our checkpoint key 'component/a.b.c' belongs to a class-dependent last layer."""
+  return (our_key.startswith((initial_checkpoint.SEMANTIC_LAST_LAYER,
+                              initial_checkpoint.INSTANCE_LAST_LAYER))
+          or _AUXILIARY_CLASS_HEAD in our_key)
 
 
 @dataclasses.dataclass
@@ -171,7 +173,6 @@ def write_our_checkpoint(values: dict, output: str) -> str:
 
 def read_our_checkpoint(path: str) -> dict:
   """{our key 'component/a.b.c': value} of a checkpoint in our layout (model variables only)."""
-  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
   reader, variables = initial_checkpoint.checkpoint_variables(path)
   return {tracked: reader.get_tensor(key) for tracked, key in variables.items()}
 

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from deeplab2_kmax.model_zoo import download
+from deeplab2_kmax.model_zoo import registry
 from deeplab2_kmax.trainer import checkpoints
 
 _OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
@@ -76,6 +78,7 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
     keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
     raise _unreadable(path, error) from None
+  # Imported here: model_zoo.convert imports this module.
   from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
   if convert.is_deeplab2_layout(keys):
     with tempfile.TemporaryDirectory(prefix='deeplab2_converted_') as scratch:
@@ -99,7 +102,6 @@ def _unreadable(path: str, error: Exception) -> InitialCheckpointError:
 def resolve_checkpoint_path(path: str) -> str:
   """A checkpoint prefix for `path`: a zoo name (fetched into the cache), a folder (its latest
   checkpoint) or a prefix."""
-  from deeplab2_kmax.model_zoo import download, registry  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + '.index'):
     entries = registry.load_registry()
     if path in entries:

@@ -248,3 +248,13 @@ def test_fetch_then_offline_cache_hit(server, tmp_path, cache):
 def test_unknown_zoo_name_suggests_close_names():
   with pytest.raises(registry.RegistryError, match='did you mean kmax_resnet50_coco_train'):
     registry.get_entry('kmax_resnet50_coco')
+
+
+def test_initial_checkpoint_resolves_a_cached_zoo_name_offline(cache):
+  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  folder = cache / 'checkpoints' / 'kmax_resnet50_coco_train' / 'kmax_resnet50_coco_train'
+  tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(folder / 'ckpt-150000'))
+  assert initial_checkpoint.resolve_checkpoint_path('kmax_resnet50_coco_train') == str(
+      folder / 'ckpt-150000')
+  # Names that are neither zoo entries nor files stay paths (their error comes on reading).
+  assert initial_checkpoint.resolve_checkpoint_path('no_such_checkpoint') == 'no_such_checkpoint'
