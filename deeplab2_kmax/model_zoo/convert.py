@@ -136,7 +136,7 @@ def from_deeplab2(reader, model, allow_class_mismatch: bool = False,
   """
   our_keys = our_variable_keys(model)
   variables = checkpoint_map.model_variable_paths(model)
-  report = ConversionReport(source=source or getattr(reader, 'name', '') or 'checkpoint')
+  report = ConversionReport(source=source or 'checkpoint')
   assigned = set()
   shapes = reader.get_variable_to_shape_map()
   for key, source_key in sorted(_variable_keys(shapes).items()):
