@@ -58,6 +58,17 @@ def _code_and_comment(line: str) -> tuple[str, str]:
   return line, ''
 
 
+class PlaceholderEnvironment(dict):
+  """os.environ where an unset ${VAR} reads as a placeholder `<unset VAR>`: for tools that
+  build a model from a config and need none of its data or checkpoint paths."""
+
+  def __contains__(self, name):
+    return True
+
+  def __getitem__(self, name):
+    return os.environ.get(name, f'<unset {name}>')
+
+
 def substitute_environment(text: str, source_name: str,
                            environ: Optional[Mapping[str, str]] = None) -> str:
   """Replaces ${VAR} (and ${VAR:-default}) outside comments; "$$" is a literal "$".

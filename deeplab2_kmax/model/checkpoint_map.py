@@ -23,6 +23,10 @@ so a converter copies values without reshaping, with one exception: ConvNeXt's d
 kernels are grouped Conv2D kernels [7, 7, 1, C] upstream and DepthwiseConv2D kernels
 [7, 7, C, 1] here; `to_our_layout` reshapes them (the singleton axis moves, element order is
 unchanged).
+
+`ours_to_upstream` inverts the rules (the inverse needs to know whether the encoder is a
+ConvNeXt, whose stem path `encoder/stem/conv` would otherwise read as ResNet's `_stem/_conv`),
+and `to_deeplab2_layout` inverts `to_our_layout`.
 """
 
 import re
@@ -66,12 +70,89 @@ def _convnext_path(key):
   return None
 
 
+# Sub-layers DeepLab2 keeps in Python lists (checkpoint keys `_<name>/<index>`).
+_LIST_ATTRIBUTES = ('backbone_norms', 'kmax_decoder', 'skip_connections', 'stages')
+_LIST_ELEMENT = re.compile(r'^(' + '|'.join(_LIST_ATTRIBUTES) + r')_(\d+)$')
+# Path components DeepLab2 tracks under a public attribute name (no leading underscore).
+_PUBLIC_COMPONENTS = ('conv_block', 'final_conv')
+_OUR_CONVNEXT_STEM = re.compile(r'^encoder/stem/(conv|norm)/(.*)$')
+_OUR_CONVNEXT_DOWNSAMPLE = re.compile(r'^encoder/downsampling_block_(\d)/(norm|conv)/(.*)$')
+_OUR_CONVNEXT_BLOCK = re.compile(r'^encoder/convnext_block_(\d+)_(\d+)/(.*)$')
+
+
+def _upstream_convnext_key(path):
+  """DeepLab2 key (without suffix) of our ConvNeXt encoder path, or None for other paths."""
+  match = _OUR_CONVNEXT_STEM.match(path)
+  if match:
+    index = ('conv', 'norm').index(match.group(1))
+    return f'encoder/downsample_layers/0/layer_with_weights-{index}/{match.group(2)}'
+  match = _OUR_CONVNEXT_DOWNSAMPLE.match(path)
+  if match:
+    index = ('norm', 'conv').index(match.group(2))
+    return (f'encoder/downsample_layers/{int(match.group(1)) + 1}/'
+            f'layer_with_weights-{index}/{match.group(3)}')
+  match = _OUR_CONVNEXT_BLOCK.match(path)
+  if match:
+    return f'encoder/stages/{match.group(1)}/layer_with_weights-{match.group(2)}/{match.group(3)}'
+  return None
+
+
+def ours_to_upstream(path, convnext_encoder=False):
+  """Our variable path relative to the model -> DeepLab2 checkpoint key.
+
+  The inverse of upstream_to_ours: components regain their underscore, list elements
+  `kmax_decoder_3` become `_kmax_decoder/3/_block1_transformer`, predictor paths their item
+  names, and the key its `/.ATTRIBUTES/VARIABLE_VALUE` suffix.
+  """
+  if convnext_encoder:
+    key = _upstream_convnext_key(path)
+    if key is not None:
+      return key + CHECKPOINT_SUFFIX
+  for item, prefix in _ITEM_PREFIXES.items():
+    if path.startswith(prefix + '/'):
+      path = item + path[len(prefix):]
+      break
+  parts = path.split('/')
+  key = [parts[0]]
+  for part in parts[1:-1]:
+    match = _LIST_ELEMENT.match(part)
+    if match:
+      key += [f'_{match.group(1)}', match.group(2)]
+      if match.group(1) == 'kmax_decoder':
+        key.append('_block1_transformer')
+    elif part in _PUBLIC_COMPONENTS:
+      key.append(part)
+    else:
+      key.append(f'_{part}')
+  variable = parts[-1]
+  if variable == 'kernel' and parts[-2] == 'depthwise_conv':
+    variable = 'depthwise_kernel'
+  return '/'.join(key + [variable]) + CHECKPOINT_SUFFIX
+
+
+def to_deeplab2_layout(path, value, convnext_encoder=False):
+  """Our value of variable `path` in DeepLab2's layout (inverse of to_our_layout)."""
+  value = np.asarray(value)
+  if (convnext_encoder and _OUR_CONVNEXT_BLOCK.match(path)
+      and path.endswith('/depthwise_conv/kernel')):
+    height, width, channels, _ = value.shape
+    return value.reshape(height, width, 1, channels)
+  return value
+
+
+def layouts_compatible(upstream_shape, shape):
+  """Whether a DeepLab2 value of `upstream_shape` fills our `shape` (equal up to unit axes)."""
+  squeeze = lambda dims: tuple(int(d) for d in dims if int(d) != 1)
+  return squeeze(upstream_shape) == squeeze(shape) and (
+      int(np.prod(upstream_shape)) == int(np.prod(shape)))
+
+
 def to_our_layout(value, shape):
   """Converts a DeepLab2 value to our variable's shape (same elements, same order)."""
   value = np.asarray(value)
   if tuple(value.shape) == tuple(shape):
     return value
-  if value.size != int(np.prod(shape)):
+  if not layouts_compatible(value.shape, shape):
     raise ValueError(f'cannot convert a {value.shape} value to {tuple(shape)}')
   return value.reshape(shape)
 

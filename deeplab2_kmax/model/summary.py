@@ -29,16 +29,6 @@ def define_flags():
   flags.DEFINE_string('crop', None, 'H,W to build and count MACs at (default: the train crop).')
 
 
-class _Environment(dict):
-  """os.environ where unset ${VAR}s read as placeholders: a summary needs no data paths."""
-
-  def __contains__(self, name):
-    return True
-
-  def __getitem__(self, name):
-    return os.environ.get(name, f'<unset {name}>')
-
-
 def _count(variables):
   total = 0
   for variable in variables:
@@ -90,7 +80,7 @@ def main(argv):
   del argv
   try:
     config = loader.load_config(FLAGS.config_file, FLAGS.config_override,
-                                environ=_Environment(), validate=False)
+                                environ=loader.PlaceholderEnvironment(), validate=False)
   except loader.ConfigError as error:
     print(error, file=sys.stderr)
     return 2

@@ -5,18 +5,27 @@
 
 Reads a checkpoint written by this runner (items keyed as in checkpoints.py:
 `encoder/stage2.block1.conv1_bn_act.conv.kernel`, `predictor/transformer_class_head.kernel`)
-and copies every variable whose shape matches into the model's variable of the same key. Skipped are: everything outside the model components (optimizer slots, step),
+and copies every variable whose shape matches into the model's variable of the same key.
+Skipped are: everything outside the model components (optimizer slots, step),
 the class-dependent last layers when their restore flag is false (DeepLab2's
 `semantic_last_layer` = `semantic_head/final_conv` and `transformer_class_head`), and variables
 whose shape differs (e.g. a different class count). Returns, and logs, a table of what was
 restored and skipped, with reasons.
+
+`path` may also be a model-zoo name (downloaded into the cache, see model_zoo/download.py) or
+a DeepLab2 checkpoint: DeepLab2-layout keys are converted to ours first (model_zoo/convert.py,
+into a temporary folder), then restored by the same rules.
 """
 
+import os
+import tempfile
 from typing import Callable, Optional
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from deeplab2_kmax.model_zoo import download
+from deeplab2_kmax.model_zoo import registry
 from deeplab2_kmax.trainer import checkpoints
 
 _OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
@@ -28,7 +37,7 @@ class InitialCheckpointError(ValueError):
   """model_options.initial_checkpoint cannot be used; str(error) names it and the fix."""
 
 
-def _checkpoint_variables(path: str):
+def checkpoint_variables(path: str):
   """{tracked path: checkpoint key} of every variable in the checkpoint's object graph."""
   reader = tf.train.load_checkpoint(path)
   graph = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -64,17 +73,84 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
   Returns:
     {'restored': [paths], 'skipped': {path: reason}, 'missing': [model paths not in the file]}.
   """
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" is a folder without a '
-                       f'checkpoint; give a checkpoint prefix such as {path}/ckpt-1000.')
-    path = latest
+  path = resolve_checkpoint_path(path)
   try:
-    reader, variables = _checkpoint_variables(path)
+    keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
-    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
-                     f'{str(error).splitlines()[0]}') from None
+    raise _unreadable(path, error) from None
+  # Imported here: model_zoo.convert imports this module.
+  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  if convert.is_deeplab2_layout(keys):
+    with tempfile.TemporaryDirectory(prefix='deeplab2_converted_') as scratch:
+      converted = _convert_deeplab2(model, path, os.path.join(scratch, 'ckpt'), encoder_only,
+                                    log_fn)
+      table = _restore_ours(model, converted, restore_semantic_last_layer,
+                            restore_instance_last_layer, encoder_only, log_fn=None)
+    table['source'] = path
+    if log_fn:
+      log_fn(format_table(f'{path} (DeepLab2 layout, converted)', table))
+    return table
+  return _restore_ours(model, path, restore_semantic_last_layer, restore_instance_last_layer,
+                       encoder_only, log_fn)
+
+
+def _unreadable(path: str, error: Exception) -> InitialCheckpointError:
+  return InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
+                                f'{str(error).splitlines()[0]}')
+
+
+def resolve_checkpoint_path(path: str) -> str:
+  """A checkpoint prefix for `path`: a zoo name (fetched into the cache), a folder (its latest
+  checkpoint) or a prefix."""
+  if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + '.index'):
+    entries = registry.load_registry()
+    if path in entries:
+      try:
+        return download.fetch_checkpoint(path, entries)
+      except (download.DownloadError, download.UnsafeArchiveError) as error:
+        raise InitialCheckpointError(
+            f'model_options.initial_checkpoint "{path}" is a model-zoo name but cannot be '
+            f'fetched: {error}') from None
+  if tf.io.gfile.isdir(path):
+    # Our model directories have a `checkpoint` state file; extracted archives one .index.
+    latest = tf.train.latest_checkpoint(path)
+    if latest:
+      return latest
+    try:
+      return download.find_checkpoint_prefix(path)
+    except download.DownloadError:
+      raise InitialCheckpointError(
+          f'model_options.initial_checkpoint "{path}" is a folder without a checkpoint; '
+          f'give a checkpoint prefix such as {path}/ckpt-1000.') from None
+  return path
+
+
+def _convert_deeplab2(model, path: str, output: str, encoder_only: bool, log_fn) -> str:
+  """Converts a DeepLab2 checkpoint for `model` into our layout at `output` (values of
+  mismatched shape are kept so that the restore table names them)."""
+  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  reader = tf.train.load_checkpoint(path)
+  report = convert.from_deeplab2(reader, model, allow_class_mismatch=True,
+                                 encoder_only=encoder_only, source=path)
+  if log_fn:
+    log_fn(report.summary().split('\n', 1)[0])
+  values = dict(report.values)
+  for key, _, our_key, _ in report.mismatched:
+    values[our_key] = reader.get_tensor(key)
+  if not values:
+    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}": no variable of '
+                                 'this DeepLab2 checkpoint maps onto the model.')
+  return convert.write_our_checkpoint(values, output)
+
+
+def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
+                  restore_instance_last_layer: bool, encoder_only: bool,
+                  log_fn: Optional[Callable[[str], None]]) -> dict:
+  """restore_initial_checkpoint for a checkpoint prefix in our layout."""
+  try:
+    reader, variables = checkpoint_variables(path)
+  except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
+    raise _unreadable(path, error) from None
   components = {name: checkpoints.variables_by_path(component.weights, strip_components=2)
                 for name, component in model.components().items()}
   if encoder_only:
@@ -113,8 +189,9 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
       if id(variable) not in assigned:
         table['missing'].append(f'{name}/{key}')
   if not table['restored']:
-    raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}" restored no variable: is it a '
-                     f'checkpoint of this model family? ({len(variables)} variables in it)')
+    raise InitialCheckpointError(
+        f'model_options.initial_checkpoint "{path}" restored no variable: is it a checkpoint '
+        f'of this model family? ({len(variables)} variables in it)')
   if log_fn:
     log_fn(format_table(path, table))
   return table

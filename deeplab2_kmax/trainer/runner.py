@@ -32,6 +32,23 @@ from deeplab2_kmax.trainer import trainer as trainer_lib
 MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval')
 
 
+def _restore_pretrained(model, model_options, log_fn) -> None:
+  """backbone.pretrained_weights into the encoder, then initial_checkpoint over the model (as
+  DeepLab2 loads the former when building the encoder and restores the latter afterwards).
+  Either may be ours, a DeepLab2 checkpoint or a model-zoo name."""
+  if model_options.backbone.pretrained_weights:
+    initial_checkpoint.restore_initial_checkpoint(
+        model, model_options.backbone.pretrained_weights, encoder_only=True, log_fn=log_fn)
+  if model_options.initial_checkpoint:
+    initial_checkpoint.restore_initial_checkpoint(
+        model, model_options.initial_checkpoint,
+        restore_semantic_last_layer=(
+            model_options.restore_semantic_last_layer_from_initial_checkpoint),
+        restore_instance_last_layer=(
+            model_options.restore_instance_last_layer_from_initial_checkpoint),
+        log_fn=log_fn)
+
+
 class NoCheckpointError(RuntimeError):
   """eval mode found no checkpoint to evaluate."""
 
@@ -82,16 +99,9 @@ class Experiment:
     resumed = checkpoints.restore_latest(self.manager) if training else None
     if resumed:
       log_fn(f'[train] resumed from {resumed} at step {int(self.global_step.numpy())}')
-    elif training and config.model_options.initial_checkpoint:
-      # Only a fresh run starts from initial_checkpoint; a resumed one has its own weights.
-      model_options = config.model_options
-      initial_checkpoint.restore_initial_checkpoint(
-          self.model, model_options.initial_checkpoint,
-          restore_semantic_last_layer=(
-              model_options.restore_semantic_last_layer_from_initial_checkpoint),
-          restore_instance_last_layer=(
-              model_options.restore_instance_last_layer_from_initial_checkpoint),
-          log_fn=log_fn)
+    elif training:
+      # Only a fresh run starts from pretrained weights; a resumed one has its own.
+      _restore_pretrained(self.model, config.model_options, log_fn)
     self.files = []
     self.trainer = self.evaluator = None
     if training:
