@@ -238,9 +238,12 @@ class ServingModule(tf.Module):
     # The Keras model stays out of the SavedModel's object graph (saving it there would trace
     # every layer again, and the serving graph needs only its variables); Keras 3 also keeps
     # sub-layers in its own lists, which that graph does not follow. Listing every variable
-    # makes each one a saved, restorable dependency.
+    # makes each one a saved, restorable dependency. The list holds the tf.Variable inside
+    # each Keras variable, the one the traced graphs read: a Keras variable exports as a copy
+    # that TF1-style loaders (the C API, TF Serving) restore while the graph reads the
+    # uninitialised original ("Could not find variable ...").
     self._untracked = _Untracked(model=model, post_processor=post_processor)
-    self.model_variables = list(model.variables)
+    self.model_variables = [variable.value for variable in model.variables]
     self.preprocess_options = preprocess_options
     self._label_divisor = int(descriptor.panoptic_label_divisor)
     self._ignore_label = int(descriptor.ignore_label)
