@@ -34,6 +34,9 @@ padded: void label, instance 0, score 0):
 | segment_scores   | float32 [batch, S]            | mean instance score over its pixels      |
 | segment_areas    | int32 [batch, S]              | pixels of each segment; 0 padding        |
 
+`assets.extra/dataset_descriptor.textproto` holds the label space (class names, colours,
+label divisor) for clients.
+
 With export_options.include_raw_outputs the model's raw outputs at the eval crop are added
 (`pixel_space_mask_logits`, `transformer_class_logits`, `semantic_logits`, ...).
 
@@ -49,6 +52,7 @@ from typing import Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
+from google.protobuf import text_format
 import tensorflow as tf
 
 from deeplab2_kmax import common
@@ -60,9 +64,12 @@ from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
+from deeplab2_kmax.protos import dataset_pb2
 from deeplab2_kmax.trainer import checkpoints
 
 TAG_SERVE = 'serve'
+ASSETS_EXTRA = 'assets.extra'
+DESCRIPTOR_FILE = 'dataset_descriptor.textproto'
 SIGNATURE_IMAGE_TENSOR = 'serving_default'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
 SIGNATURE_TF_EXAMPLE = 'tf_example'
@@ -242,7 +249,8 @@ class ServingModule(tf.Module):
     # each Keras variable, the one the traced graphs read: a Keras variable exports as a copy
     # that TF1-style loaders (the C API, TF Serving) restore while the graph reads the
     # uninitialised original ("Could not find variable ...").
-    self._untracked = _Untracked(model=model, post_processor=post_processor)
+    self._untracked = _Untracked(model=model, post_processor=post_processor,
+                                 descriptor=descriptor)
     self.model_variables = [variable.value for variable in model.variables]
     self.preprocess_options = preprocess_options
     self._label_divisor = int(descriptor.panoptic_label_divisor)
@@ -263,6 +271,10 @@ class ServingModule(tf.Module):
   @property
   def post_processor(self):
     return self._untracked.post_processor
+
+  @property
+  def descriptor(self):
+    return self._untracked.descriptor
 
   def predict(self, batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Model + post-processing + segments of a preprocessed batch (preprocess_batch's dict)."""
@@ -366,7 +378,27 @@ def export(module: ServingModule, output_path: str, version: int = 1,
   if tf.io.gfile.exists(directory):
     tf.io.gfile.rmtree(directory)
   tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
+  # The label space (class names, colours, divisor) for clients such as deeplab2_kmax.predict;
+  # TF Serving ignores assets.extra.
+  tf.io.gfile.makedirs(os.path.join(directory, ASSETS_EXTRA))
+  with tf.io.gfile.GFile(descriptor_path(directory), 'w') as f:
+    f.write(text_format.MessageToString(datasets.to_inline_options(module.descriptor)))
   return directory
+
+
+def descriptor_path(directory: str) -> str:
+  return os.path.join(directory, ASSETS_EXTRA, DESCRIPTOR_FILE)
+
+
+def load_descriptor(directory: str):
+  """The DatasetDescriptor written next to an exported SavedModel."""
+  path = descriptor_path(directory)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'{path} is missing; it is written by deeplab2_kmax.export (export '
+                            'again, or predict with --config_file and --checkpoint_path).')
+  with tf.io.gfile.GFile(path) as f:
+    options = text_format.Parse(f.read(), dataset_pb2.DatasetDescriptorOptions())
+  return datasets.from_inline_options(options)
 
 
 def latest_version_dir(saved_model: str) -> str:
