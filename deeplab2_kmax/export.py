@@ -52,6 +52,7 @@ from typing import Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from google.protobuf import text_format
 import tensorflow as tf
 
@@ -456,6 +457,8 @@ def main(argv):
   checkpoint = values.checkpoint_path or values.model_dir
   if not checkpoint:
     raise app.UsageError('pass --checkpoint_path (or --model_dir of a training run).')
+  # tf.saved_model.save logs each written file at INFO; the summary line below says it all.
+  logging.set_verbosity(logging.WARNING)
   try:
     config = config_flags.load_from_flags()
     options = config.export_options
