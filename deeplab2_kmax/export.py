@@ -142,9 +142,12 @@ def preprocess_batch(images, preprocess_options: PreprocessOptions) -> dict[str,
   def one(i):
     image = image_of(i)
     size = tf.shape(image, out_type=tf.int32)[:2]
-    tf.debugging.assert_positive(
-        tf.reduce_min(size), message='every image must have height and width > 0; got an '
-        'image of size (height, width) =', summarize=2)
+    check = tf.debugging.Assert(tf.reduce_min(size) > 0,
+                                ['every image must have height and width > 0; the image at '
+                                 'batch index', i, 'has (height, width)', size])
+    # Explicitly first: the resize would otherwise fail with its own, vaguer message.
+    with tf.control_dependencies([check]):
+      image = tf.identity(image)
     image, resized_size = preprocess_options.preprocess(image)
     return image, resized_size, size
 
@@ -207,14 +210,17 @@ def _decode_image_bytes(encoded: tf.Tensor, what: str, index: tf.Tensor) -> tf.T
     what: the input's name in messages, e.g. 'image_bytes'.
     index: the position of encoded in the batch (named in messages).
   """
-  tf.debugging.Assert(tf.strings.length(encoded) > 0,
-                      [f'{what}: the image at batch index', index,
-                       'is empty; send JPEG or PNG bytes'])
-  tf.debugging.Assert(tfrecord.has_image_signature(encoded),
-                      [f'{what}: the image at batch index', index,
-                       'is not a JPEG, PNG, GIF, BMP or WebP image; its first bytes are',
-                       tf.strings.substr(encoded, 0, 8)])
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  empty = tf.debugging.Assert(tf.strings.length(encoded) > 0,
+                              [f'{what}: the image at batch index', index,
+                               'is empty; send JPEG or PNG bytes'])
+  with tf.control_dependencies([empty]):
+    known = tf.debugging.Assert(tfrecord.has_image_signature(encoded),
+                                [f'{what}: the image at batch index', index,
+                                 'is not a JPEG, PNG, GIF, BMP or WebP image; its first bytes '
+                                 'are', tf.strings.substr(encoded, 0, 8)])
+  # Explicitly before decoding, whose own messages do not name the input.
+  with tf.control_dependencies([known]):
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
 
@@ -279,9 +285,11 @@ class ServingModule(tf.Module):
 
   def predict(self, batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Model + post-processing + segments of a preprocessed batch (preprocess_batch's dict)."""
-    tf.debugging.assert_positive(tf.shape(batch[common.IMAGE])[0],
-                                 message='the batch holds no image')
-    outputs = self.model(batch[common.IMAGE], training=False)
+    check = tf.debugging.assert_positive(tf.shape(batch[common.IMAGE])[0],
+                                         message='the batch holds no image')
+    with tf.control_dependencies([check]):
+      images = tf.identity(batch[common.IMAGE])
+    outputs = self.model(images, training=False)
     predictions = self.post_processor(outputs, batch)
     result = {key: predictions[key] for key in PREDICTION_KEYS}
     result[IMAGE_SIZE] = batch[common.GT_SIZE_RAW]
