@@ -179,3 +179,37 @@ def test_bad_input_is_an_invalid_argument_error(exported, signature, name, value
 def test_wrong_dtype_or_rank_is_refused_by_the_signature(exported, value):
   with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
     _run(exported, 'serving_default', images=value)
+
+
+def test_restore_from_a_folder_without_checkpoint_names_the_fix(exported, tmp_path):
+  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='no checkpoint in'):
+    export.restore_model(exported.module.model, str(tmp_path))
+
+
+def test_latest_version_dir(exported, tmp_path):
+  assert export.latest_version_dir(str(exported.base)) == str(exported.directory)
+  assert export.latest_version_dir(str(exported.directory)) == str(exported.directory)
+  (tmp_path / '3').mkdir()
+  (tmp_path / '12').mkdir()
+  (tmp_path / 'notes').mkdir()
+  assert export.latest_version_dir(str(tmp_path)) == str(tmp_path / '12')
+  with pytest.raises(FileNotFoundError, match='numeric version folders'):
+    export.latest_version_dir(str(tmp_path / 'notes'))
+
+
+@pytest.mark.parametrize('text, default, expected', [
+    (None, 0, None), (None, 4, 4), ('dynamic', 4, None), ('8', 0, 8), ('0', 4, None)])
+def test_parse_batch_size(text, default, expected):
+  assert export.parse_batch_size(text, default) == expected
+
+
+@pytest.mark.parametrize('text', ['-1', 'many'])
+def test_parse_batch_size_rejects(text):
+  with pytest.raises(ValueError, match='--batch_size must be a positive integer or "dynamic"'):
+    export.parse_batch_size(text, 0)
+
+
+def test_unknown_input_type_is_named(exported):
+  with pytest.raises(ValueError, match='input_type "jpeg" is unknown'):
+    exported.module.signatures(['jpeg'])
