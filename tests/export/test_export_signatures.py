@@ -213,3 +213,19 @@ def test_parse_batch_size_rejects(text):
 def test_unknown_input_type_is_named(exported):
   with pytest.raises(ValueError, match='input_type "jpeg" is unknown'):
     exported.module.signatures(['jpeg'])
+
+
+@pytest.mark.slow  # traces the model once more
+def test_include_raw_outputs_adds_the_model_outputs_at_the_crop(exported):
+  module = export.ServingModule(exported.module.model, exported.module.post_processor,
+                                exported.module.preprocess_options, exported.module.descriptor,
+                                include_raw_outputs=True)
+  function = module.signatures(['image_tensor'])['serving_default']
+  images = sample_images(12, (2, 40, 50))
+  got = {k: v.numpy() for k, v in function(images=tf.constant(images)).items()}
+  assert set(export.RAW_OUTPUT_KEYS) <= set(got)
+  num_slots = exported.config.model_options.kmax.num_cluster_centers
+  assert got[common.PRED_TRANSFORMER_CLASS_LOGITS].shape[:2] == (2, num_slots)
+  assert got[common.PRED_PIXEL_SPACE_MASK_LOGITS].shape[-1] == num_slots
+  want = _run(exported, 'serving_default', images=images)
+  np.testing.assert_array_equal(got[common.PRED_PANOPTIC], want[common.PRED_PANOPTIC])
