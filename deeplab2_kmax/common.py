@@ -48,6 +48,14 @@ PRED_PIXEL_SPACE_NORMALIZED_FEATURE = 'pixel_space_normalized_feature'
 PRED_PIXEL_SPACE_MASK_LOGITS = 'pixel_space_mask_logits'
 PRED_TRANSFORMER_CLASS_LOGITS = 'transformer_class_logits'
 PRED_AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
+# Exported signatures' extra outputs (deeplab2_kmax/export.py): int32 [batch, 2] size of each
+# input image, int32 [batch] segment count, and per-segment arrays [batch, num slots].
+PRED_IMAGE_SIZE = 'image_size'
+PRED_NUM_SEGMENTS = 'num_segments'
+PRED_SEGMENT_IDS = 'segment_ids'
+PRED_SEGMENT_CLASSES = 'segment_classes'
+PRED_SEGMENT_SCORES = 'segment_scores'
+PRED_SEGMENT_AREAS = 'segment_areas'
 
 # ---- Loss names ----
 SEMANTIC_LOSS = 'semantic_loss'

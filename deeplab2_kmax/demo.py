@@ -7,6 +7,7 @@ Each stage prints what it did and where its files are; stages whose code has not
 say so and are skipped.
 """
 
+import glob
 import importlib.util
 import os
 import subprocess
@@ -126,10 +127,15 @@ def main(argv):
     if stage_command('train', 'deeplab2_kmax.train', flags_common + ['--mode=train_and_eval']):
       stage_command('export', 'deeplab2_kmax.export',
                     flags_common + [f'--output_path={os.path.join(workdir, "export")}'])
-      stage_command('predict', 'deeplab2_kmax.predict',
-                    [f'--saved_model={os.path.join(workdir, "export")}',
-                     f'--input={os.path.join(data_dir, "val_images", "*.png")}',
-                     f'--output_dir={os.path.join(workdir, "predictions")}'])
+      predictions = os.path.join(workdir, 'predictions')
+      if stage_command('predict', 'deeplab2_kmax.predict',
+                       [f'--saved_model={os.path.join(workdir, "export")}',
+                        f'--input={os.path.join(data_dir, "val_images", "*.png")}',
+                        f'--output_dir={predictions}']):
+        overlays = sorted(glob.glob(os.path.join(predictions, 'overlay', '*.png')))
+        if overlays:
+          _say('predict', f'look at {overlays[0]}: a validation image with its predicted '
+                          'segments in class colours and a legend of the classes')
   except (config_lib.ConfigError, pipeline.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1

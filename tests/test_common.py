@@ -23,6 +23,15 @@ def test_sample_and_prediction_keys():
               'semantic_logits', 'pixel_space_normalized_feature', 'pixel_space_mask_logits',
               'transformer_class_logits', 'auxiliary_outputs_pred')
 
+  # The exported signatures' outputs (TF Serving clients read them by name).
+  assert (common.PRED_PANOPTIC, common.PRED_SEMANTIC, common.PRED_INSTANCE,
+          common.PRED_INSTANCE_SCORES, common.PRED_SEMANTIC_SCORES, common.PRED_IMAGE_SIZE,
+          common.PRED_NUM_SEGMENTS, common.PRED_SEGMENT_IDS, common.PRED_SEGMENT_CLASSES,
+          common.PRED_SEGMENT_SCORES, common.PRED_SEGMENT_AREAS) == (
+              'panoptic_pred', 'semantic_pred', 'instance_pred', 'instance_scores',
+              'semantic_scores', 'image_size', 'num_segments', 'segment_ids',
+              'segment_classes', 'segment_scores', 'segment_areas')
+
 
 def test_keys_are_unique():
   values = [v for k, v in vars(common).items() if k.isupper() and isinstance(v, str)]
