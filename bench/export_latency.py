@@ -37,16 +37,6 @@ _WIDTH = flags.DEFINE_integer('width', 97, 'Image width.')
 _CALLS = flags.DEFINE_integer('calls', 20, 'Timed calls of each after warm-up.')
 
 
-class _Environment(dict):
-  """Unset ${VAR}s read as placeholders: the benchmark reads no data."""
-
-  def __contains__(self, name):
-    return True
-
-  def __getitem__(self, name):
-    return os.environ.get(name, f'<unset {name}>')
-
-
 def main(argv):
   del argv
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -56,7 +46,7 @@ def main(argv):
   from deeplab2_kmax.config import loader  # pylint: disable=g-import-not-at-top
 
   config = loader.load_config(_CONFIG_FILE.value, _CONFIG_OVERRIDE.value,
-                              environ=_Environment(), validate=False)
+                              environ=loader.PlaceholderEnvironment(), validate=False)
   module = export.build_serving_module(config)
   if _CHECKPOINT.value:
     export.restore_model(module.model, _CHECKPOINT.value)

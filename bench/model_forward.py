@@ -31,16 +31,6 @@ _CALLS = flags.DEFINE_integer('calls', 3, 'Timed calls after warm-up.')
 _POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16', 'fp16': 'mixed_float16'}
 
 
-class _Environment(dict):
-  """Unset ${VAR}s read as placeholders: the benchmark reads no data."""
-
-  def __contains__(self, name):
-    return True
-
-  def __getitem__(self, name):
-    return os.environ.get(name, f'<unset {name}>')
-
-
 def main(argv):
   del argv
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -49,7 +39,7 @@ def main(argv):
   from deeplab2_kmax.model import builder  # pylint: disable=g-import-not-at-top
 
   config = loader.load_config(_CONFIG_FILE.value, _CONFIG_OVERRIDE.value,
-                              environ=_Environment(), validate=False)
+                              environ=loader.PlaceholderEnvironment(), validate=False)
   crop = _CROP.value
   model = builder.build_model(config, crop_size=(crop, crop), dtype=_POLICIES[_DTYPE.value])
   images = tf.constant(

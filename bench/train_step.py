@@ -34,16 +34,6 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps after the warm-up step.')
 _POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16'}
 
 
-class _Environment(dict):
-  """Unset ${VAR}s read as placeholders: the benchmark reads no data."""
-
-  def __contains__(self, name):
-    return True
-
-  def __getitem__(self, name):
-    return os.environ.get(name, f'<unset {name}>')
-
-
 def synthetic_batch(descriptor, crop, batch, max_thing_id):
   """A batch whose label is a 4x4 grid of segments cycling through thing and stuff classes."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -84,7 +74,7 @@ def main(argv):
               f'trainer_options {{ mixed_precision_policy: "{_POLICIES[_DTYPE.value]}" '
               f'jit_compile: {str(_JIT.value).lower()} }}')
   config = loader.load_config(_CONFIG_FILE.value, [*_CONFIG_OVERRIDE.value, override],
-                              environ=_Environment(), validate=False)
+                              environ=loader.PlaceholderEnvironment(), validate=False)
   descriptor = builder.dataset_descriptor(config)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():

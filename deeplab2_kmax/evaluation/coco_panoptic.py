@@ -25,18 +25,34 @@ from absl import flags
 from deeplab2_kmax.evaluation import panoptic_quality
 from deeplab2_kmax.evaluation.formats import PanopticFormatError
 
-_GT_JSON = flags.DEFINE_string('gt_json', None, 'Ground-truth COCO panoptic JSON.')
-_GT_FOLDER = flags.DEFINE_string('gt_folder', None, 'Folder of the ground-truth PNGs.')
-_PRED_JSON = flags.DEFINE_string('pred_json', None, 'Prediction JSON (annotations by image_id).')
-_PRED_FOLDER = flags.DEFINE_string('pred_folder', None, 'Folder of the prediction PNGs.')
-_OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Where to write the results (optional).')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', os.cpu_count() or 1,
-                                    'Processes reading and matching images (1 = in process).')
-_PER_CLASS = flags.DEFINE_boolean('per_class', False, 'Also print one row per category.')
-_CHECK_GT_AREAS = flags.DEFINE_boolean(
-    'check_gt_areas', False,
-    'Fail when a GT JSON area differs from its PNG pixel count (the official scripts trust the '
-    'JSON; a wrong area gives PQ above 100).')
+# Command-line flags, defined only when run as a program (importing this module for its
+# `evaluate` function must not touch the global absl flag registry).
+_GT_JSON = None
+_GT_FOLDER = None
+_PRED_JSON = None
+_PRED_FOLDER = None
+_OUTPUT_JSON = None
+_NUM_WORKERS = None
+_PER_CLASS = None
+_CHECK_GT_AREAS = None
+
+
+def define_flags():
+  """Defines the command-line flags of `python -m deeplab2_kmax.evaluation.coco_panoptic`."""
+  global _GT_JSON, _GT_FOLDER, _PRED_JSON, _PRED_FOLDER, _OUTPUT_JSON
+  global _NUM_WORKERS, _PER_CLASS, _CHECK_GT_AREAS
+  _GT_JSON = flags.DEFINE_string('gt_json', None, 'Ground-truth COCO panoptic JSON.')
+  _GT_FOLDER = flags.DEFINE_string('gt_folder', None, 'Folder of the ground-truth PNGs.')
+  _PRED_JSON = flags.DEFINE_string('pred_json', None, 'Prediction JSON (annotations by image_id).')
+  _PRED_FOLDER = flags.DEFINE_string('pred_folder', None, 'Folder of the prediction PNGs.')
+  _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Where to write the results (optional).')
+  _NUM_WORKERS = flags.DEFINE_integer('num_workers', os.cpu_count() or 1,
+                                      'Processes reading and matching images (1 = in process).')
+  _PER_CLASS = flags.DEFINE_boolean('per_class', False, 'Also print one row per category.')
+  _CHECK_GT_AREAS = flags.DEFINE_boolean(
+      'check_gt_areas', False,
+      'Fail when a GT JSON area differs from its PNG pixel count (the official scripts trust the '
+      'JSON; a wrong area gives PQ above 100).')
 
 
 def _load_json(path: str, what: str) -> Mapping[str, Any]:
@@ -115,4 +131,5 @@ if __name__ == '__main__':
   # TensorFlow only decodes PNGs here; its C++ start-up logs (CUDA probing) would bury the
   # table and the one-line errors. Set before any import of TensorFlow, inherited by workers.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  define_flags()
   app.run(main)
