@@ -41,6 +41,8 @@ def define_flags():
   """Defines the command-line flags of `python -m deeplab2_kmax.evaluation.coco_panoptic`."""
   global _GT_JSON, _GT_FOLDER, _PRED_JSON, _PRED_FOLDER, _OUTPUT_JSON
   global _NUM_WORKERS, _PER_CLASS, _CHECK_GT_AREAS
+  if _GT_JSON is not None:  # already defined (e.g. by a test that runs main in process)
+    return
   _GT_JSON = flags.DEFINE_string('gt_json', None, 'Ground-truth COCO panoptic JSON.')
   _GT_FOLDER = flags.DEFINE_string('gt_folder', None, 'Folder of the ground-truth PNGs.')
   _PRED_JSON = flags.DEFINE_string('pred_json', None, 'Prediction JSON (annotations by image_id).')

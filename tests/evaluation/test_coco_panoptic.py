@@ -21,6 +21,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 def _run_main(**flag_values):
   """Runs coco_panoptic.main in process with the given flags; returns its exit status."""
+  coco_panoptic.define_flags()
   argv = ['coco_panoptic'] + [f'--{k}={v}' for k, v in flag_values.items()]
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
