@@ -48,6 +48,8 @@ PRED_PIXEL_SPACE_NORMALIZED_FEATURE = 'pixel_space_normalized_feature'
 PRED_PIXEL_SPACE_MASK_LOGITS = 'pixel_space_mask_logits'
 PRED_TRANSFORMER_CLASS_LOGITS = 'transformer_class_logits'
 PRED_AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
+# CMT-DeepLab: log of each center's reference mask, float32 [batch, h, w, N] (auxiliary outputs).
+PRED_REFERENCE_MASK_LOGITS = 'reference_mask_logits'
 
 # ---- Loss names ----
 SEMANTIC_LOSS = 'semantic_loss'
