@@ -1,12 +1,15 @@
 """kMaX vs CMT decoders trained with the same synthetic budget: PQ and step time per run.
 
-    python bench/compare_decoders.py --data_dir=/tmp/synthetic [--steps=300] [--crop=65]
+    python bench/compare_decoders.py --data_dir=/tmp/synthetic [--steps=250] [--crop=65]
         [--batch=8] [--seeds=0,1,2] [--decoders=kmax,cmt] [--model_root=/tmp/compare]
+        [--post_processing=pixelwise]
 
 Trains configs/synthetic/{kmax,cmt}_r50_os32_synthetic_demo.textproto (identical encoder, pixel
 decoder, heads, centers, optimizer and losses; CMT adds its reference-mask loss) with the
 budget overridden to `steps` steps of `batch` crops of `crop` x `crop`, then evaluates on the
-whole synthetic val split. Every (decoder, seed) pair runs in its own process, one after the
+whole synthetic val split with --post_processing (default pixelwise: after a few hundred steps
+the class confidences of both decoders stay below the demo's mask-wise thresholds, which then
+keep no mask and give PQ 0 for every run; docs/benchmarks.md). Every (decoder, seed) pair runs in its own process, one after the
 other, through the README's runner (deeplab2_kmax.trainer.runner, mode train_and_eval); the
 seed sets the model initialisation and the training-data order. Builds the synthetic data set
 (1000 train / 100 val, 129 x 129) into --data_dir when it is missing.
@@ -39,17 +42,19 @@ def define_flags():
   flags.DEFINE_string('data_dir', None, 'Synthetic data set folder (built when missing).',
                       required=True)
   flags.DEFINE_string('model_root', '/tmp/compare_decoders', 'Folder for the runs\' model dirs.')
-  flags.DEFINE_integer('steps', 300, 'Training steps per run.')
+  flags.DEFINE_integer('steps', 250, 'Training steps per run.')
   flags.DEFINE_integer('crop', 65, 'Square train and eval crop (k * 32 + 1).')
   flags.DEFINE_integer('batch', 8, 'Training batch size.')
   flags.DEFINE_integer('log_every', 25, 'Steps per training loop (one step-time sample each).')
   flags.DEFINE_string('seeds', '0,1,2', 'Comma-separated seeds.')
   flags.DEFINE_string('decoders', 'kmax,cmt', 'Comma-separated decoders (kmax, cmt).')
+  flags.DEFINE_enum('post_processing', 'pixelwise', ['pixelwise', 'maskwise'],
+                    'Evaluation post-processing (maskwise: the demo configs\' thresholds).')
   flags.DEFINE_string('run_one', None, 'Internal: "decoder,seed" runs one training here.')
 
 
-def budget_override(steps, crop, batch, log_every, seed):
-  """Textproto override giving both decoders the same budget and seed."""
+def budget_override(steps, crop, batch, log_every, seed, post_processing='pixelwise'):
+  """Textproto override giving both decoders the same budget, seed and evaluation."""
   warmup = max(1, steps // 16)
   return f'''
 trainer_options {{
@@ -64,7 +69,7 @@ train_dataset_options {{
 eval_dataset_options {{
   crop_size: [{crop}, {crop}] min_resize_value: {crop} max_resize_value: {crop}
 }}
-evaluator_options {{ eval_interval: {steps} }}
+evaluator_options {{ eval_interval: {steps} transformer_post_processing: "{post_processing}" }}
 '''
 
 
@@ -76,7 +81,7 @@ def run_one(decoder, seed):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   config = loader.load_config(CONFIGS[decoder], [
-      budget_override(f.steps, f.crop, f.batch, f.log_every, seed)])
+      budget_override(f.steps, f.crop, f.batch, f.log_every, seed, f.post_processing)])
   model_dir = os.path.join(f.model_root, f'{decoder}_seed{seed}')
   tf.io.gfile.rmtree(model_dir) if tf.io.gfile.exists(model_dir) else None
   loop_rates = []
@@ -95,7 +100,7 @@ def run_one(decoder, seed):
   rates = loop_rates[1:] or loop_rates
   print(json.dumps({
       'benchmark': 'compare_decoders', 'decoder': decoder, 'seed': seed, 'steps': f.steps,
-      'batch': f.batch, 'crop': f.crop,
+      'batch': f.batch, 'crop': f.crop, 'post_processing': f.post_processing,
       'pq': round(100 * pq[common.PQ_ALL][common.PQ], 2),
       'pq_things': round(100 * pq[common.PQ_THINGS][common.PQ], 2),
       'pq_stuff': round(100 * pq[common.PQ_STUFF][common.PQ], 2),
@@ -123,7 +128,7 @@ def main(argv):
                    cwd=REPO, stdout=subprocess.DEVNULL)
   common_args = [f'--data_dir={f.data_dir}', f'--model_root={f.model_root}',
                  f'--steps={f.steps}', f'--crop={f.crop}', f'--batch={f.batch}',
-                 f'--log_every={f.log_every}']
+                 f'--log_every={f.log_every}', f'--post_processing={f.post_processing}']
   # Seed-major order, so an interrupted benchmark still has both decoders for the first seeds.
   for seed in f.seeds.split(','):
     for decoder in f.decoders.split(','):

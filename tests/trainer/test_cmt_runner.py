@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from deeplab2_kmax import common
@@ -17,6 +18,10 @@ from tests.trainer.test_runner import _scalar_tags
 CMT_CONFIG = str(REPO_ROOT / 'configs' / 'synthetic' / 'cmt_r50_os32_synthetic_demo.textproto')
 
 
+# About 2.5 min on an idle 2-core machine (tracing the CMT train step and the evaluation
+# dominates; 10 min measured at load average 9), so not in CI; the in-process CMT model tests
+# (tests/model/test_cmt_model.py) cover the forward, loss and gradients.
+@pytest.mark.slow
 def test_cmt_trains_and_evaluates_through_the_runner(synthetic_data_dir, tmp_path):
   os.environ[common.ENV_SYNTHETIC_DATA_DIR] = str(synthetic_data_dir)
   # kMaX's tiny override, applied to the CMT member; two layers at stride 32 so that the
