@@ -2,7 +2,8 @@
 deeplab2_kmax/evaluation/panoptic_quality.py).
 
 Issue #10 asks for the loss to fall by 80% and PQ >= 0.9. Measured (2026-11-23, 2 loaded cores,
-load average ~12): 500 steps at crop 33 give loss 13.43 -> 3.56 (-73.5%) and PQ 0.830 in 865 s;
+load average ~12): 500 steps at crop 33 give loss 13.43 -> 3.56 (-73.5%) and PQ 0.830 in 865 s
+(reproduced exactly in a rerun: 177 s at load ~3);
 300 steps at crop 65 gave 13.68 -> 3.62 (-73.5%). The loss plateaus near 3.6, a floor we
 attribute (not verified) to terms a perfect panoptic answer cannot zero: the Gaussian
 reference masks cannot match square segments (1 - dice per auxiliary output) and the

@@ -18,7 +18,7 @@ from tests.trainer.test_runner import _scalar_tags
 CMT_CONFIG = str(REPO_ROOT / 'configs' / 'synthetic' / 'cmt_r50_os32_synthetic_demo.textproto')
 
 
-# About 2.5 min on an idle 2-core machine (tracing the CMT train step and the evaluation
+# About 3 min on the 2 cores at load ~3 (171 s measured; tracing the train step and evaluation
 # dominates; 10 min measured at load average 9), so not in CI; the in-process CMT model tests
 # (tests/model/test_cmt_model.py) cover the forward, loss and gradients.
 @pytest.mark.slow
