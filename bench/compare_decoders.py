@@ -9,8 +9,8 @@ decoder, heads, centers, optimizer and losses; CMT adds its reference-mask loss)
 budget overridden to `steps` steps of `batch` crops of `crop` x `crop`, then evaluates on the
 whole synthetic val split with --post_processing (default pixelwise: after a few hundred steps
 the class confidences of both decoders stay below the demo's mask-wise thresholds, which then
-keep no mask and give PQ 0 for every run; docs/benchmarks.md). Every (decoder, seed) pair runs in its own process, one after the
-other, through the README's runner (deeplab2_kmax.trainer.runner, mode train_and_eval); the
+keep no mask and give PQ 0 for every run; docs/benchmarks.md). Every (decoder, seed) pair
+runs in its own process, one after the other, through the README's runner (deeplab2_kmax.trainer.runner, mode train_and_eval); the
 seed sets the model initialisation and the training-data order. Builds the synthetic data set
 (1000 train / 100 val, 129 x 129) into --data_dir when it is missing.
 
