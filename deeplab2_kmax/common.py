@@ -56,6 +56,8 @@ PRED_SEGMENT_IDS = 'segment_ids'
 PRED_SEGMENT_CLASSES = 'segment_classes'
 PRED_SEGMENT_SCORES = 'segment_scores'
 PRED_SEGMENT_AREAS = 'segment_areas'
+# CMT-DeepLab: log of each center's reference mask, float32 [batch, h, w, N] (auxiliary outputs).
+PRED_REFERENCE_MASK_LOGITS = 'reference_mask_logits'
 
 # ---- Loss names ----
 SEMANTIC_LOSS = 'semantic_loss'

@@ -383,6 +383,12 @@ def find_problems(config: config_pb2.ExperimentOptions, num_replicas: int = 1) -
           'no dataset options; give train_dataset_options and/or eval_dataset_options')
   _check_model(c, config, descriptor)
   _check_trainer(c, config.trainer_options)
+  if config.trainer_options.loss_options.HasField('reference_mask_loss'):
+    meta_name = config.model_options.WhichOneof('meta_architecture')
+    c.check(meta_name == common.META_CMT and config.model_options.cmt.use_reference_masks,
+            'trainer_options.loss_options.reference_mask_loss',
+            f'is set but the model ({meta_name}) predicts no reference masks; it needs '
+            'model_options.cmt with use_reference_masks: true, or remove the loss')
   _check_evaluator(c, config.evaluator_options)
   for value in config.export_options.input_type:
     c.check(value in EXPORT_INPUT_TYPES, 'export_options.input_type',

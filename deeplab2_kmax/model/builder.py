@@ -21,6 +21,7 @@ from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
 from deeplab2_kmax.model.pixel_encoder import convnext
 from deeplab2_kmax.model.pixel_encoder import resnet
+from deeplab2_kmax.model.transformer_decoder import cmt as cmt_transformer_decoder
 from deeplab2_kmax.model.transformer_decoder import kmax as kmax_transformer_decoder
 
 # kMaX uses GELU in every decoder and head.
@@ -81,8 +82,17 @@ def _max_head_args(kmax_options, num_classes):
 
 
 def build_transformer_decoder(kmax_options, num_classes, norm_layer, dtype=None):
+  """kMaX's decoder for KMaXDeepLabOptions, CMT's for CMTDeepLabOptions (same shared fields)."""
   options = kmax_options.transformer_decoder
-  return kmax_transformer_decoder.KMaXTransformerDecoder(
+  decoder_class = kmax_transformer_decoder.KMaXTransformerDecoder
+  cmt_args = {}
+  if kmax_options.DESCRIPTOR.name == 'CMTDeepLabOptions':
+    decoder_class = cmt_transformer_decoder.CMTTransformerDecoder
+    cmt_args = dict(use_coordinate_features=kmax_options.use_coordinate_features,
+                    update_pixel_features=kmax_options.update_pixel_features,
+                    use_reference_masks=kmax_options.use_reference_masks,
+                    stop_gradient_assignment=kmax_options.stop_gradient_assignment)
+  return decoder_class(
       num_cluster_centers=kmax_options.num_cluster_centers,
       num_blocks=list(options.num_blocks) or list(DEFAULT_TRANSFORMER_NUM_BLOCKS),
       strides=list(options.strides) or list(DEFAULT_TRANSFORMER_STRIDES),
@@ -91,7 +101,7 @@ def build_transformer_decoder(kmax_options, num_classes, norm_layer, dtype=None)
       ffn_channels=options.ffn_channels,
       drop_path_keep_prob=kmax_options.transformer_decoder_drop_path_keep_prob,
       auxiliary_head_args=_max_head_args(kmax_options, num_classes), activation=ACTIVATION,
-      norm_layer=norm_layer, name='transformer_decoder', dtype=dtype)
+      norm_layer=norm_layer, name='transformer_decoder', dtype=dtype, **cmt_args)
 
 
 def dataset_descriptor(experiment_options):
@@ -111,7 +121,10 @@ def default_crop(experiment_options):
 
 
 def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None, build=True):
-  """Returns a built KMaXDeepLab model for the experiment's `kmax` meta-architecture.
+  """Returns a built KMaXDeepLab model for the experiment's `kmax` or `cmt` meta-architecture.
+
+  CMT-DeepLab is kMaX's meta-architecture with the CMT transformer decoder (the model is named
+  `cmt_deeplab`); both give the same output keys.
 
   Args:
     experiment_options: config_pb2.ExperimentOptions.
@@ -123,10 +136,10 @@ def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None,
   """
   model_options = experiment_options.model_options
   meta = model_options.WhichOneof('meta_architecture')
-  if meta != common.META_KMAX:
-    raise ValueError(f'build_model builds the "{common.META_KMAX}" meta-architecture, '
-                     f'not "{meta}".')
-  kmax_options = model_options.kmax
+  if meta not in (common.META_KMAX, common.META_CMT):
+    raise ValueError(f'build_model builds the "{common.META_KMAX}" and "{common.META_CMT}" '
+                     f'meta-architectures, not "{meta}" (model_options).')
+  kmax_options = getattr(model_options, meta)
   descriptor = descriptor or dataset_descriptor(experiment_options)
   if dtype is None:
     dtype = experiment_options.trainer_options.mixed_precision_policy or 'float32'
@@ -164,7 +177,7 @@ def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None,
           decoder_conv_type=decoder.decoder_conv_type, activation=ACTIVATION,
           norm_layer=norm_layer, name='semantic_decoder', dtype=policy)
   model = kmax_deeplab.KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
-                                   semantic_decoder, semantic_head, name='kmax_deeplab',
+                                   semantic_decoder, semantic_head, name=f'{meta}_deeplab',
                                    dtype=policy)
   if build:
     height, width = crop_size or default_crop(experiment_options)

@@ -1,4 +1,5 @@
-"""The kMaX-DeepLab meta-architecture as a Keras 3 model.
+"""The kMaX-DeepLab meta-architecture as a Keras 3 model (also CMT-DeepLab's: same parts, CMT
+transformer decoder).
 
 images [batch, height, width, 3] in [0, 255] -> x / 127.5 - 1 -> pixel encoder -> kMaX pixel
 decoder -> kMaX transformer decoder -> MaX head (+ auxiliary semantic decoder and head).
@@ -7,7 +8,8 @@ Outputs (DeepLab2's keys, all float32): `semantic_logits` [batch, h, w, classes]
 semantic head is used), `pixel_space_normalized_feature` [batch, h, w, embedding],
 `pixel_space_mask_logits` [batch, h, w, N], `transformer_class_logits` [batch, N, classes],
 and in training `auxiliary_outputs_pred`: one dict per transformer layer with the same three
-MaX keys, the dense ones resized (align corners) to the final output size.
+MaX keys (CMT: plus `reference_mask_logits`), the dense ones resized (align corners) to the
+final output size.
 """
 
 import keras
@@ -17,7 +19,8 @@ from deeplab2_kmax import common
 from deeplab2_kmax.model.layers import resize
 
 _DENSE_AUXILIARY_KEYS = (common.PRED_PIXEL_SPACE_MASK_LOGITS,
-                         common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE)
+                         common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE,
+                         common.PRED_REFERENCE_MASK_LOGITS)
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
@@ -69,7 +72,8 @@ class KMaXDeepLab(keras.Model):
       for prediction in endpoints[common.PRED_AUXILIARY_OUTPUTS]:
         prediction = dict(prediction)
         for key in _DENSE_AUXILIARY_KEYS:
-          prediction[key] = resize.resize_align_corners(prediction[key], size)
+          if key in prediction:  # reference masks: CMT only
+              prediction[key] = resize.resize_align_corners(prediction[key], size)
         auxiliary.append(prediction)
       results[common.PRED_AUXILIARY_OUTPUTS] = tuple(auxiliary)
     return results

@@ -23,6 +23,10 @@ RECIPES = (
     + [f'ade20k/kmax_deeplab/kmax_meta_{b}_os32{r}.textproto'
        for b in ('r50', 'convnext_large') for r in ('', '_res1281')])
 
+# CMT-DeepLab recipes (configs/*/cmt_deeplab/): kMaX's recipe with the CMT decoder.
+CMT_RECIPES = [f'{dataset}/cmt_deeplab/cmt_meta_{b}_os32.textproto'
+               for dataset in ('coco', 'cityscapes') for b in ('r50', 'axial_r50')]
+
 _VARIABLE = re.compile(r'\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}')
 
 
@@ -57,11 +61,50 @@ def test_config_loads_and_validates(path):
       assert '${' not in pattern and pattern.startswith('/dummy/'), pattern
 
 
-def test_config_set_is_the_kmax_recipes_plus_synthetic():
+def test_config_set_is_the_kmax_and_cmt_recipes_plus_synthetic():
   found = {_id(path) for path in ALL_CONFIGS}
   synthetic = {name for name in found if name.startswith('synthetic/')}
   assert synthetic, 'no synthetic config under configs/synthetic/'
-  assert found - synthetic == set(RECIPES)
+  assert found - synthetic == set(RECIPES) | set(CMT_RECIPES)
+
+
+def _as_kmax(config):
+  """A CMT config with its shared fields moved to the kmax member and CMT's own cleared."""
+  from deeplab2_kmax.protos import model_pb2  # pylint: disable=g-import-not-at-top
+  cmt = config.model_options.cmt
+  for name in ('use_coordinate_features', 'update_pixel_features', 'use_reference_masks',
+               'stop_gradient_assignment'):
+    cmt.ClearField(name)
+  # The shared fields have the same numbers in both messages.
+  kmax = model_pb2.KMaXDeepLabOptions.FromString(cmt.SerializeToString())
+  config.model_options.kmax.CopyFrom(kmax)
+  config.trainer_options.loss_options.ClearField('reference_mask_loss')
+  config.ClearField('experiment_name')
+  return config
+
+
+@pytest.mark.parametrize('relative_path', CMT_RECIPES + [
+    'synthetic/cmt_r50_os32_synthetic_demo.textproto'])
+def test_cmt_configs_are_the_kmax_configs_with_the_cmt_decoder(relative_path):
+  config = load(relative_path)
+  assert config.model_options.WhichOneof('meta_architecture') == 'cmt'
+  cmt = config.model_options.cmt
+  assert (cmt.use_coordinate_features, cmt.update_pixel_features, cmt.use_reference_masks) == (
+      True, True, True)
+  assert config.trainer_options.loss_options.reference_mask_loss.weight == 1.0
+  kmax = load(relative_path.replace('cmt', 'kmax'))
+  kmax.ClearField('experiment_name')
+  assert _as_kmax(config) == kmax
+
+
+def test_cmt_cityscapes_recipe_has_the_papers_setting():
+  # MaX-S backbone (our closest encoder: kMaX's MaX-S w/ GeLU), 1025x2049 crops, 60k
+  # iterations, batch 32 (cmt-deeplab-paper.md section 6).
+  config = load('cityscapes/cmt_deeplab/cmt_meta_axial_r50_os32.textproto')
+  assert config.model_options.backbone.name == 'axial_resnet50'
+  assert list(config.train_dataset_options.crop_size) == [1025, 2049]
+  assert config.trainer_options.solver_options.training_number_of_steps == 60000
+  assert config.train_dataset_options.batch_size == 32
 
 
 def test_experiment_names_are_unique():

@@ -18,8 +18,9 @@ example is replaced by 0 in the dict and the total, and counted in non_finite_lo
 trainer can report it. The gradient of such a term can still hold NaN (0 times a NaN local
 derivative), so a trainer should skip the update when the count is non-zero.
 
-LossOptions.reference_mask_loss (CMT-DeepLab's reference-mask approximation) depends on model
-internals and is not computed here.
+LossOptions.reference_mask_loss (CMT-DeepLab's reference-mask approximation, see
+reference_mask.py) adds 'aux_{i}reference_mask_loss' for every auxiliary output; those outputs
+must then carry `reference_mask_logits` [B, h, w, N] (CMT with use_reference_masks).
 
 The matching is computed once on the final output and reused for the auxiliary outputs, as are
 the class-term and dice-term weights. Everything is computed in float32, whatever the model's
@@ -35,6 +36,7 @@ from deeplab2_kmax.model.loss import instance_discrimination
 from deeplab2_kmax.model.loss import mask_id_cross_entropy
 from deeplab2_kmax.model.loss import matching as matching_lib
 from deeplab2_kmax.model.loss import pq_style
+from deeplab2_kmax.model.loss import reference_mask
 from deeplab2_kmax.model.loss import semantic
 from deeplab2_kmax.model.loss import targets as targets_lib
 
@@ -96,6 +98,7 @@ class MaskTransformerLoss:
     self._mask_id = option(common.MASK_ID_CROSS_ENTROPY_LOSS)
     self._instance = option(common.INSTANCE_DISCRIMINATION_LOSS)
     self._semantic = option(common.SEMANTIC_LOSS)
+    self._reference = option(common.REFERENCE_MASK_LOSS)
     for name, value in ((common.MASK_ID_CROSS_ENTROPY_LOSS, self._mask_id),
                         (common.INSTANCE_DISCRIMINATION_LOSS, self._instance),
                         (common.SEMANTIC_LOSS, self._semantic)):
@@ -113,8 +116,12 @@ class MaskTransformerLoss:
     if self._instance is not None:
       terms.append(common.INSTANCE_DISCRIMINATION_LOSS)
     per_output = list(terms)
+    if self._reference is not None:
+      per_aux = per_output + [common.REFERENCE_MASK_LOSS]
+    else:
+      per_aux = per_output
     for index in range(self._num_aux_outputs):
-      terms += [auxiliary_loss_name(index, term) for term in per_output]
+      terms += [auxiliary_loss_name(index, term) for term in per_aux]
     if self._semantic is not None:
       terms.append(common.SEMANTIC_LOSS)
     return tuple(terms)
@@ -179,7 +186,7 @@ class MaskTransformerLoss:
       return tf.reshape(tf.cast(tensor, tf.float32), [batch, num_pixels, tensor.shape[-1]])
 
     matching = None
-    if self._pq is not None or self._mask_id is not None:
+    if self._pq is not None or self._mask_id is not None or self._reference is not None:
       matching = matching_lib.match(
           targets, flat(mask_logits), model_outputs[common.PRED_TRANSFORMER_CLASS_LOGITS])
 
@@ -212,6 +219,14 @@ class MaskTransformerLoss:
           value = instance_discrimination.prototype_instance_discrimination(
               feature, targets, self._temperature, self._instance[1])
         terms[common.INSTANCE_DISCRIMINATION_LOSS] = self._instance[0] * value
+      if self._reference is not None and index > 0:
+        logits = output.get(common.PRED_REFERENCE_MASK_LOGITS)
+        if logits is None:
+          raise ValueError(f'reference_mask_loss is configured but auxiliary output {index - 1} '
+                           f'has no "{common.PRED_REFERENCE_MASK_LOGITS}"; it needs the cmt '
+                           'meta-architecture with use_reference_masks: true.')
+        terms[common.REFERENCE_MASK_LOSS] = self._reference[0] * (
+            reference_mask.reference_mask_loss(flat(logits), targets, matching))
       for term, value in terms.items():
         losses[term if index == 0 else auxiliary_loss_name(index - 1, term)] = value
 

@@ -207,13 +207,12 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
     self._kmax_decoder = []
     for stride, count in zip(self.strides, self.num_blocks):
       for _ in range(count):
-        self._kmax_decoder.append(KMaXTransformerLayer(
-            channels=self.channels, num_heads=self.num_heads, key_channels=self.key_channels,
-            value_channels=self.value_channels, ffn_channels=self.ffn_channels,
-            drop_path_keep_prob=self.drop_path_keep_prob,
+        self._kmax_decoder.append(self._make_layer(
+            len(self._kmax_decoder), channels=self.channels, num_heads=self.num_heads,
+            key_channels=self.key_channels, value_channels=self.value_channels,
+            ffn_channels=self.ffn_channels, drop_path_keep_prob=self.drop_path_keep_prob,
             auxiliary_head_args=self.auxiliary_head_args, activation=activation,
-            norm_layer=self.norm_layer, name=f'kmax_decoder_{len(self._kmax_decoder)}',
-            dtype=policy))
+            norm_layer=self.norm_layer, dtype=policy))
         self._layer_strides.append(stride)
     conv_args = dict(use_bias=False, use_bn=True, norm_layer=self.norm_layer,
                      activation=activation, dtype=policy)
@@ -221,6 +220,10 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
         self.channels, 'class_embedding_projection', **conv_args)
     self._mask_embedding_projection = convolutions.Conv1D(
         self.channels, 'mask_embedding_projection', **conv_args)
+
+  def _make_layer(self, index, **layer_args):
+    """The decoder's layer `index`; subclasses (CMT) return their own layer type."""
+    return KMaXTransformerLayer(name=f'kmax_decoder_{index}', **layer_args)
 
   def build(self, input_shape):
     self.cluster_centers = self.add_weight(
@@ -232,16 +235,24 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
     """decoder_stage1 is stride 32, decoder_stage2 stride 16, ..."""
     return f'decoder_stage{(32 // stride).bit_length()}'
 
+  def initial_centers(self, endpoints):
+    """The learned centers tiled over the batch: [batch, N, D]."""
+    first = endpoints[self.endpoint_for_stride(self._layer_strides[0])]
+    return tf.tile(tf.cast(self.cluster_centers, self.compute_dtype),
+                   [tf.shape(first)[0], 1, 1])
+
   def call(self, endpoints, training=None):
     endpoints = dict(endpoints)
-    first = endpoints[self.endpoint_for_stride(self._layer_strides[0])]
-    centers = tf.tile(tf.cast(self.cluster_centers, self.compute_dtype),
-                      [tf.shape(first)[0], 1, 1])
+    centers = self.initial_centers(endpoints)
     auxiliary_outputs = []
     for layer, stride in zip(self._kmax_decoder, self._layer_strides):
       centers, auxiliary = layer((endpoints[self.endpoint_for_stride(stride)], centers),
                                  training=training)
       auxiliary_outputs.append(auxiliary)
+    return self.finish(endpoints, centers, auxiliary_outputs, training=training)
+
+  def finish(self, endpoints, centers, auxiliary_outputs, training=None):
+    """Adds the class/mask embeddings of the final centers and the head inputs."""
     endpoints[common.ENDPOINT_TRANSFORMER_CLASS_FEATURE] = self._class_embedding_projection(
         centers, training=training)
     endpoints[common.ENDPOINT_TRANSFORMER_MASK_FEATURE] = self._mask_embedding_projection(
