@@ -1,6 +1,5 @@
 """Behaviour of the CMT-DeepLab decoder and model at tiny shapes."""
 
-import json
 
 import keras
 import numpy as np
@@ -16,6 +15,7 @@ from tests.model.conftest import TINY_TEXTPROTO
 from tests.model.conftest import parse
 from tests.model.test_kmax_model import MAX_KEYS
 from tests.model.test_kmax_model import _images
+from tests.model.test_kmax_model import assert_keras_config_round_trip
 
 # The tiny kMaX of conftest as a CMT, without stochastic depth (the gradient test needs every
 # branch), with the reference-mask loss and the losses of the synthetic demo.
@@ -189,14 +189,4 @@ def test_gradient_reaches_every_trainable_variable(tiny_cmt_options):
 
 
 def test_get_config_round_trip(tiny_cmt):
-  config = keras.saving.serialize_keras_object(tiny_cmt)
-  json.dumps(config)
-  clone = keras.saving.deserialize_keras_object(config)
-  clone(_images(batch=1), training=False)
-  assert [w.path for w in clone.weights] == [w.path for w in tiny_cmt.weights]
-  clone.set_weights(tiny_cmt.get_weights())
-  images = _images(batch=1, seed=3)
-  expected = tiny_cmt(images, training=False)
-  actual = clone(images, training=False)
-  for key in MAX_KEYS + (common.PRED_SEMANTIC_LOGITS,):
-    np.testing.assert_allclose(actual[key], expected[key], atol=1e-5)
+  assert_keras_config_round_trip(tiny_cmt)

@@ -6,7 +6,6 @@ COCO kMaX-R50 fixture is used and its weights are put back afterwards. Axial-Res
 (and class-count changes) are covered on tiny models.
 """
 
-import json
 
 import numpy as np
 import pytest
@@ -17,9 +16,9 @@ from deeplab2_kmax.model import builder
 from deeplab2_kmax.model import checkpoint_map
 from deeplab2_kmax.model_zoo import convert
 from deeplab2_kmax.trainer import initial_checkpoint
-from tests.conftest import upstream_reference
 from tests.model.conftest import TINY_TEXTPROTO
 from tests.model.conftest import parse
+from tests.model.test_kmax_r50_parity import upstream_variable_shapes
 
 IMAGES = np.random.RandomState(0).uniform(0, 255, (1, 65, 65, 3)).astype(np.float32)
 
@@ -34,15 +33,8 @@ def _random_value(key, shape, rng):
 def upstream_r50():
   """{DeepLab2 key: random value of the listed shape} for every variable of the listing."""
   rng = np.random.RandomState(1)
-  values = {}
-  with open(upstream_reference('checkpoint_variables.txt')) as f:
-    for line in f:
-      if line.startswith('#') or not line.strip():
-        continue
-      key, shape = line.rstrip('\n').split('\t')
-      if key.endswith(checkpoint_map.CHECKPOINT_SUFFIX):
-        values[key] = _random_value(key, json.loads(shape), rng)
-  return values
+  return {key: _random_value(key, shape, rng)
+          for key, shape in upstream_variable_shapes().items()}
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ def _reference_counts():
     return json.load(f)
 
 
-def _upstream_variables():
+def upstream_variable_shapes():
+  """{DeepLab2 checkpoint key: shape} of every variable in checkpoint_variables.txt."""
   shapes = {}
   with open(upstream_reference('checkpoint_variables.txt')) as f:
     for line in f:
@@ -56,7 +57,7 @@ def test_component_parameters(coco_r50_model):
 
 
 def test_every_checkpoint_variable_maps_to_one_variable_of_the_same_shape(coco_r50_model):
-  upstream = _upstream_variables()
+  upstream = upstream_variable_shapes()
   assert len(upstream) == 1184
   mapping, unmatched, unmapped = checkpoint_map.build_mapping(upstream, coco_r50_model)
   assert unmatched == []
@@ -71,7 +72,7 @@ def test_every_checkpoint_variable_maps_to_one_variable_of_the_same_shape(coco_r
 
 def test_per_checkpoint_item_counts_through_the_mapping(coco_r50_model):
   reference = _reference_counts()['per_checkpoint_item']
-  upstream = _upstream_variables()
+  upstream = upstream_variable_shapes()
   mapping, _, _ = checkpoint_map.build_mapping(upstream, coco_r50_model)
   ours = checkpoint_map.model_variable_paths(coco_r50_model)
   per_item = {}

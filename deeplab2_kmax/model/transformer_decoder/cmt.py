@@ -55,6 +55,11 @@ _REFERENCE_SIGMA_RANGE = 2.0
 _REFERENCE_PRIOR_EPSILON = 1e-6
 
 
+# Constructor switches of the CMT layer and decoder (CMTDeepLabOptions fields of the same names).
+CMT_SWITCHES = ('use_coordinate_features', 'update_pixel_features', 'use_reference_masks',
+                'stop_gradient_assignment')
+
+
 def coordinate_features(height, width):
   """float32 [height * width, 2]: (y, x) in [-1, 1] on a corner-aligned grid, row-major."""
   def axis(size):
@@ -237,12 +242,7 @@ class CMTTransformerLayer(kmax.KMaXTransformerLayer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({
-        'use_coordinate_features': self.use_coordinate_features,
-        'update_pixel_features': self.update_pixel_features,
-        'use_reference_masks': self.use_reference_masks,
-        'stop_gradient_assignment': self.stop_gradient_assignment,
-    })
+    config.update({name: getattr(self, name) for name in CMT_SWITCHES})
     return config
 
 
@@ -328,10 +328,5 @@ class CMTTransformerDecoder(kmax.KMaXTransformerDecoder):
 
   def get_config(self):
     config = super().get_config()
-    config.update({
-        'use_coordinate_features': self.use_coordinate_features,
-        'update_pixel_features': self.update_pixel_features,
-        'use_reference_masks': self.use_reference_masks,
-        'stop_gradient_assignment': self.stop_gradient_assignment,
-    })
+    config.update({name: getattr(self, name) for name in CMT_SWITCHES})
     return config
