@@ -168,13 +168,10 @@ class Experiment:
     self.log_fn(f'[eval] waiting for checkpoints in {self.model_dir}'
                 + (f' (timeout {timeout} s)' if timeout >= 0 else ''))
 
-    def on_timeout():
-      self.log_fn(f'[eval] no new checkpoint in {self.model_dir} within {timeout} s; stopping.')
-      return True
-
+    # No timeout_fn: checkpoints_iterator calls it after every checkpoint, not only on a
+    # timeout; without one it simply ends when the timeout passes.
     for path in tf.train.checkpoints_iterator(self.model_dir,
-                                              timeout=None if timeout < 0 else timeout,
-                                              timeout_fn=on_timeout):
+                                              timeout=None if timeout < 0 else timeout):
       try:
         checkpoints.restore(self.checkpoint, path, partial=True)
       except tf.errors.NotFoundError:
@@ -184,7 +181,8 @@ class Experiment:
       self.controller.evaluate(eval_steps)
       if int(self.global_step.numpy()) >= total_steps:
         self.log_fn(f'[eval] evaluated the final step {total_steps}; stopping.')
-        break
+        return
+    self.log_fn(f'[eval] no new checkpoint in {self.model_dir} within {timeout} s; stopping.')
 
 
 def run_experiment(config, mode: str, model_dir: str,

@@ -151,6 +151,8 @@ class Trainer(orbit.StandardTrainer):
         context.replica_id_in_sync_group, tf.int64), self.global_step])
     if self._vis is not None:
       self._keep_images(batch)
+    # Strings (image names) cannot enter an XLA-compiled step, and the loss does not read them.
+    batch = {key: value for key, value in batch.items() if value.dtype != tf.string}
     scaled, gradients, bad = self._gradients_fn(batch, tf.cast(seed, tf.int32))
     overflow = tf.cast(tf.logical_not(tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None])), tf.float32)
