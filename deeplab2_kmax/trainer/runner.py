@@ -115,7 +115,11 @@ class Experiment:
       self.trainer = trainer_lib.Trainer(config, self.model, loss, self.groups,
                                          self.global_step, self.strategy,
                                          _distribute(self.strategy, train_pipeline, skip),
-                                         log_fn=log_fn)
+                                         log_fn=log_fn, descriptor=self.descriptor,
+                                         post_processor=post_processor_lib.PostProcessor
+                                         .from_options(config.evaluator_options,
+                                                       self.descriptor,
+                                                       train_options.crop_size))
     if evaluating:
       eval_pipeline = pipeline_lib.InputPipeline(config.eval_dataset_options,
                                                  is_training=False)
@@ -159,15 +163,36 @@ class Experiment:
         checkpoints.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
         self.controller.evaluate(eval_steps)
       else:
-        timeout = eval_options.continuous_eval_timeout
-        self.controller.evaluate_continuously(
-            steps=eval_steps, timeout=None if timeout < 0 else timeout)
+        self._evaluate_continuously(eval_steps, eval_options.continuous_eval_timeout, total)
     except tf.errors.OpError as error:
       message = pipeline_lib.explain_error(error, self.files)
       if message is None:
         raise
       raise pipeline_lib.DataError(message) from None
     return self.evaluator.last_results if self.evaluator else None
+
+
+  def _evaluate_continuously(self, eval_steps: int, timeout: int, total_steps: int):
+    """Evaluates each new checkpoint of model_dir (a results JSON each) until one at
+    total_steps has been evaluated, or none newer arrives within `timeout` s (< 0: wait)."""
+    self.log_fn(f'[eval] waiting for checkpoints in {self.model_dir}'
+                + (f' (timeout {timeout} s)' if timeout >= 0 else ''))
+
+    # No timeout_fn: checkpoints_iterator calls it after every checkpoint, not only on a
+    # timeout; without one it simply ends when the timeout passes.
+    for path in tf.train.checkpoints_iterator(self.model_dir,
+                                              timeout=None if timeout < 0 else timeout):
+      try:
+        checkpoints.restore(self.checkpoint, path, partial=True)
+      except tf.errors.NotFoundError:
+        # The trainer's CheckpointManager deleted it (keep N) before we got to it.
+        self.log_fn(f'[eval] {path} was deleted before it could be evaluated; skipped.')
+        continue
+      self.controller.evaluate(eval_steps)
+      if int(self.global_step.numpy()) >= total_steps:
+        self.log_fn(f'[eval] evaluated the final step {total_steps}; stopping.')
+        return
+    self.log_fn(f'[eval] no new checkpoint in {self.model_dir} within {timeout} s; stopping.')
 
 
 def run_experiment(config, mode: str, model_dir: str,

@@ -5,6 +5,21 @@ Per replica, the per-example loss terms ([per-replica batch]) are summed and div
 mean whatever the replica count. A step whose loss has a NaN/Inf term is not applied; the loop
 end then raises NonFiniteLossError naming that step, before Orbit saves a checkpoint, so the
 last checkpoint on disk is the last good state.
+
+Under `mixed_float16` the objective is multiplied by a dynamic loss scale and the gradients
+divided by it (Keras LossScaleOptimizer's rule, kept here because the runner drives one or two
+optimizers itself): a step whose loss is finite but whose gradients overflow is skipped (no
+update) and halves the scale; LOSS_SCALE_GROWTH_STEPS good steps in a row double it. Only a
+non-finite loss, or an overflow at a scale already at 1, stops training.
+
+With trainer_options.save_images_steps > 0, each step keeps its first (up to
+MAX_IMAGE_SAMPLES) images and ground-truth panoptic maps of the first replica; a loop that
+reaches a multiple of save_images_steps writes them to TensorBoard with the model's prediction
+(inference mode, post-processed at the crop size) as `panoptic/sample_<i>`: input | ground truth
+| prediction panels in the dataset's colours.
+
+With trainer_options.jit_compile the per-replica forward, loss and backward are one XLA
+cluster (the Hungarian matching included); the optimizer update stays outside it.
 """
 
 import time
@@ -17,7 +32,15 @@ import tensorflow as tf
 
 from deeplab2_kmax import common
 from deeplab2_kmax import progress
+from deeplab2_kmax import visualization
 from deeplab2_kmax.trainer import optimizer as optimizer_lib
+
+
+# Keras LossScaleOptimizer's defaults.
+INITIAL_LOSS_SCALE = 2.0 ** 15
+LOSS_SCALE_GROWTH_STEPS = 2000
+# Training image panels written per save_images_steps.
+MAX_IMAGE_SAMPLES = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,10 +59,13 @@ class Trainer(orbit.StandardTrainer):
     strategy: the tf.distribute strategy everything was built under.
     train_dataset: distributed dataset of training batches.
     log_fn: receives the console line at each loop end (default print).
+    post_processor: PostProcessor at the training crop; with `descriptor`, needed for the
+      image summaries of trainer_options.save_images_steps (else none are written).
+    descriptor: DatasetDescriptor of the training split (its colours).
   """
 
   def __init__(self, config, model, loss, optimizer_groups, global_step, strategy,
-               train_dataset, log_fn=print):
+               train_dataset, log_fn=print, post_processor=None, descriptor=None):
     trainer_options = config.trainer_options
     super().__init__(train_dataset, orbit.StandardTrainerOptions(use_tf_function=True,
                                                                  use_tf_while_loop=False))
@@ -69,9 +95,31 @@ class Trainer(orbit.StandardTrainer):
       self._count = tf.Variable(0.0, trainable=False, name='loop_steps')
       # First step whose loss was not finite (-1: none).
       self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name='bad_step')
-      self.loss_scale = (tf.Variable(2.0 ** 15, trainable=False, name='loss_scale',
-                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-                         if self.loss_scaled else None)
+      self.loss_scale = self.good_steps = None
+      if self.loss_scaled:
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.loss_scale = tf.Variable(INITIAL_LOSS_SCALE, trainable=False, name='loss_scale',
+                                      aggregation=first)
+        # Finite-gradient steps since the scale last changed.
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name='loss_scale_good_steps', aggregation=first)
+    self.images_steps = trainer_options.save_images_steps
+    self.post_processor = post_processor
+    self.descriptor = descriptor
+    self._vis = None
+    if self.images_steps > 0 and post_processor is not None and descriptor is not None:
+      per_replica = self.global_batch // strategy.num_replicas_in_sync
+      count = min(MAX_IMAGE_SAMPLES, per_replica)
+      height, width = config.train_dataset_options.crop_size
+      with strategy.scope():
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self._vis = {
+            common.IMAGE: tf.Variable(tf.zeros([count, height, width, 3]), trainable=False,
+                                      name='vis_image', aggregation=first),
+            common.GT_PANOPTIC: tf.Variable(tf.zeros([count, height, width], tf.int32),
+                                            trainable=False, name='vis_panoptic',
+                                            aggregation=first)}
+      self._predict_fn = tf.function(self._predict)
     self._gradients_fn = (tf.function(self._gradients, jit_compile=True)
                           if trainer_options.jit_compile else self._gradients)
     self._loop_start = None
@@ -101,17 +149,27 @@ class Trainer(orbit.StandardTrainer):
     context = tf.distribute.get_replica_context()
     seed = tf.stack([tf.cast(self.seed, tf.int64) * 1009 + tf.cast(
         context.replica_id_in_sync_group, tf.int64), self.global_step])
+    if self._vis is not None:
+      self._keep_images(batch)
+    # Strings (image names) cannot enter an XLA-compiled step, and the loss does not read them.
+    batch = {key: value for key, value in batch.items() if value.dtype != tf.string}
     scaled, gradients, bad = self._gradients_fn(batch, tf.cast(seed, tf.int32))
-    gradient_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
-                                     for g in gradients if g is not None])
-    bad = bad + tf.cast(tf.logical_not(gradient_finite), tf.float32)
+    overflow = tf.cast(tf.logical_not(tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None])), tf.float32)
     num_replicas = self.strategy.num_replicas_in_sync
     if num_replicas > 1:
-      bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+      bad, overflow = context.all_reduce(tf.distribute.ReduceOp.SUM, [bad, overflow])
     if self.loss_scaled:
-      # Dynamic loss scaling, shrink-only: an overflowing step halves the scale (and is
-      # skipped, which stops training at the loop end like any non-finite step).
-      self.loss_scale.assign(tf.where(bad > 0, self.loss_scale / 2.0, self.loss_scale))
+      # A finite loss with overflowing gradients only skips the step (see module docstring).
+      stop = tf.logical_or(bad > 0, tf.logical_and(overflow > 0, self.loss_scale <= 1.0))
+      grow = tf.logical_and(overflow == 0, self.good_steps + 1 >= LOSS_SCALE_GROWTH_STEPS)
+      self.loss_scale.assign(tf.where(overflow > 0, tf.maximum(self.loss_scale / 2.0, 1.0),
+                                      tf.where(grow, self.loss_scale * 2.0, self.loss_scale)))
+      self.good_steps.assign(tf.where(tf.logical_or(overflow > 0, grow),
+                                      tf.constant(0, tf.int64), self.good_steps + 1))
+      bad = tf.cast(stop, tf.float32)
+    else:
+      bad = bad + tf.cast(overflow > 0, tf.float32)
     if self.solver.use_gradient_clipping:
       if num_replicas > 1:
         # Clip the summed gradient; the optimizer sums again, so hand it the per-replica share.
@@ -119,7 +177,7 @@ class Trainer(orbit.StandardTrainer):
       gradients, _ = optimizer_lib.clip_gradients(self.solver, gradients)
       if num_replicas > 1:
         gradients = [g / num_replicas for g in gradients]
-    ok = tf.equal(bad, 0.0)
+    ok = tf.logical_and(tf.equal(bad, 0.0), tf.equal(overflow, 0.0))
 
     def apply():
       for index, group in enumerate(self.groups):
@@ -130,13 +188,35 @@ class Trainer(orbit.StandardTrainer):
       return tf.constant(True)
 
     if num_replicas > 1:
-      # merge_call inside a cond is not allowed; zeroed gradients keep weights finite and the
-      # loop end stops training anyway.
+      # merge_call inside a cond is not allowed; zeroed gradients keep weights finite (Adam's
+      # moments still decay one step; the loop end stops training on a non-finite loss).
       gradients = [None if g is None else tf.where(ok, g, tf.zeros_like(g)) for g in gradients]
       apply()
     else:
       tf.cond(ok, apply, lambda: tf.constant(False))
     return scaled, bad
+
+  def _keep_images(self, batch):
+    for key, variable in self._vis.items():
+      variable.assign(tf.cast(batch[key][:variable.shape[0]], variable.dtype))
+
+  def _predict(self, images):
+    outputs = self.model(images, training=False)
+    return self.post_processor(outputs)[common.PRED_PANOPTIC]
+
+  def _write_images(self, step: int):
+    """Writes input | ground truth | prediction panels of the kept images at `step`."""
+    images = self._vis[common.IMAGE].read_value()
+    predictions = self._predict_fn(images).numpy()
+    pixels = np.clip(images.numpy(), 0, 255).astype(np.uint8)
+    ground_truth = self._vis[common.GT_PANOPTIC].numpy()
+    # Orbit records only at its summary interval; these have their own.
+    with tf.summary.record_if(True):
+      for index in range(pixels.shape[0]):
+        panel = visualization.grid([[
+            pixels[index], visualization.colorize_panoptic(ground_truth[index], self.descriptor),
+            visualization.colorize_panoptic(predictions[index], self.descriptor)]])
+        tf.summary.image(f'panoptic/sample_{index}', panel[np.newaxis], step=step)
 
   def train_loop_begin(self):
     for variable in self._sums.values():
@@ -188,4 +268,7 @@ class Trainer(orbit.StandardTrainer):
                 f'{images_per_second:.1f} images/s elapsed '
                 f'{progress.format_duration(run_elapsed)} ETA {eta_text}')
     self.last_logs = logs
+    if self._vis is not None and (step // self.images_steps >
+                                  self._loop_start_step // self.images_steps):
+      self._write_images(step)
     return {k: np.float32(v) for k, v in logs.items()}

@@ -23,6 +23,19 @@ def _events(folder):
   return [f for f in os.listdir(folder) if f.startswith('events.out.tfevents')]
 
 
+def _images(folder, tag):
+  """{step: decoded uint8 image} of an image summary tag in the folder's event files."""
+  images = {}
+  for name in _events(folder):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          # tf.summary.image stores [width, height, png...] as a string tensor.
+          png = tf.make_ndarray(value.tensor)[2]
+          images[event.step] = tf.io.decode_png(png).numpy()
+  return images
+
+
 def _scalar_tags(folder):
   """Tags of every summary (scalars and images) in the folder's event files."""
   tags = set()
@@ -34,7 +47,7 @@ def _scalar_tags(folder):
 
 
 def test_train_and_eval_writes_checkpoints_results_and_summaries(tiny, tmp_path):
-  config = tiny()
+  config = tiny('trainer_options { save_images_steps: 4 }')
   lines = []
   experiment = runner.Experiment(config, 'train_and_eval', str(tmp_path), log_fn=lines.append)
   results = experiment.run()
@@ -62,6 +75,12 @@ def test_train_and_eval_writes_checkpoints_results_and_summaries(tiny, tmp_path)
           'images_per_second'} <= tags
   assert {'PQ/All', 'SQ/Things', 'RQ/Stuff', 'mIoU', 'panoptic/sample_0',
           'panoptic/sample_3'} <= _scalar_tags(tmp_path / 'eval')
+  # Training images at step 4 only (every 4 steps): input | ground truth | prediction, 33x33
+  # each with 2-pixel white gaps, for the first 2 images of the batch.
+  panels = _images(tmp_path / 'train', 'panoptic/sample_1')
+  assert list(panels) == [4] and panels[4].shape == (33, 3 * 33 + 2 * 2, 3)
+  assert np.all(panels[4][:, 33:35] == 255) and np.all(panels[4][:, 68:70] == 255)
+  assert 'panoptic/sample_2' not in tags
   logs = experiment.trainer.last_logs
   expected_lr = schedule_lib.LearningRateSchedule.from_solver(
       config.trainer_options.solver_options)(4)

@@ -193,3 +193,33 @@ def test_mean_over_nonzero_by_hand():
   np.testing.assert_allclose(reduction.mean_over_nonzero(losses, 0.25).numpy(), [4.0, 0.0])
   with pytest.raises(ValueError, match='top_k_percent'):
     reduction.mean_over_nonzero(losses, 0.0)
+
+
+def test_pixel_contrastive_gradient_equals_dense_cross_entropy():
+  # The loss pools features per mask instead of building the [k, k] target; its gradient must
+  # equal that of the definition: softmax cross-entropy against the dense uniform target.
+  _, _, feature, tf_targets, _ = _case(seed=4)
+  pixels = tf.constant([[0, 2, 3, 5, 6, 15], [0, 1, 4, 9, 10, 15]], tf.int32)
+  feature = tf.constant(feature, tf.float32)
+
+  def dense(pixel_feature):
+    sampled = tf.gather(pixel_feature, pixels, batch_dims=1)
+    masks = tf.gather(tf_targets.pixel_mask_one_hot, pixels, batch_dims=1)
+    same = tf.einsum('bik,bjk->bij', masks, masks)
+    target = same / tf.maximum(tf.reduce_sum(same, axis=-1, keepdims=True), 1.0)
+    cross_entropy = tf.nn.softmax_cross_entropy_with_logits(
+        labels=target, logits=tf.einsum('bid,bjd->bij', sampled, sampled) / 0.3)
+    return reduction.mean_over_nonzero(cross_entropy, 1.0)
+
+  def pooled(pixel_feature):
+    return instance_discrimination.pixel_contrastive_instance_discrimination(
+        pixel_feature, tf_targets, sample_k=6, temperature=0.3, sample_indices=pixels)
+
+  gradients = []
+  for loss_fn in (dense, pooled):
+    with tf.GradientTape() as tape:
+      tape.watch(feature)
+      value = tf.reduce_sum(loss_fn(feature))
+    gradients.append(tape.gradient(value, feature).numpy())
+  assert np.abs(gradients[0]).max() > 0
+  np.testing.assert_allclose(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
