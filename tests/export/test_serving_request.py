@@ -49,7 +49,7 @@ def _accepts(tensor_info, tensor_proto):
 def test_predict_request_is_accepted_by_each_signature(exported, signature):
   predict_pb2 = pytest.importorskip(
       'tensorflow_serving.apis.predict_pb2',
-      reason='tensorflow-serving-api is not installed (pip install -e ".[serving]")')
+      reason='tensorflow-serving-api is not installed (pip install -e ".[test]" or ".[serving]")')
   value = _inputs()[signature]
   request = predict_pb2.PredictRequest()
   request.model_spec.name = 'kmax'
