@@ -162,6 +162,38 @@ def test_fused_inference_path_equals_reference_formula():
                              expected.reshape(2, 25, 6), atol=1e-5)
 
 
+def test_fused_training_path_matches_batch_moments_and_their_gradients():
+  # Channels-last statistics train through TF's fused kernel; outputs, moving averages (with
+  # the biased variance) and gradients must equal the batch-moments formula.
+  rng = np.random.RandomState(3)
+  x = rng.normal(size=(2, 5, 7, 6)).astype(np.float32) * 2 + 0.5
+  gamma = tf.constant(rng.uniform(0.5, 2, 6).astype(np.float32))
+  beta = tf.constant(rng.normal(size=6).astype(np.float32))
+  weights = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+  for shape in (x.shape, (2, 35, 6)):
+    bn = normalization.BatchNorm(axis=-1, momentum=0.9, epsilon=1e-3)
+    bn.build(shape)
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    inputs = tf.constant(x.reshape(shape))
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch([inputs, gamma, beta])
+      y = bn(inputs, training=True)
+      objective = tf.reduce_sum(tf.reshape(y, x.shape) * weights)
+      flat = tf.reshape(inputs, [-1, 6])
+      mean, var = tf.nn.moments(flat, axes=[0])
+      reference = tf.reshape((flat - mean) / tf.sqrt(var + 1e-3) * gamma + beta, x.shape)
+      reference_objective = tf.reduce_sum(reference * weights)
+    np.testing.assert_allclose(tf.reshape(y, x.shape), reference, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * x.reshape(-1, 6).mean(0),
+                               atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * x.reshape(-1, 6).var(0),
+                               rtol=1e-5)
+    for got, want in zip(tape.gradient(objective, [inputs, bn.gamma, bn.beta]),
+                         tape.gradient(reference_objective, [inputs, gamma, beta])):
+      np.testing.assert_allclose(tf.reshape(got, [-1]), tf.reshape(want, [-1]), atol=1e-4)
+
+
 def test_axial_attention_folded_inference_equals_batch_norm_formula():
   rng = np.random.RandomState(3)
   layer = axial_attention.AxialAttention(8, 16, num_heads=2)

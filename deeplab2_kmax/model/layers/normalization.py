@@ -122,15 +122,45 @@ class BatchNorm(keras.layers.Layer):
         epsilon=self.epsilon, is_training=False)
     return tf.cast(outputs, self.compute_dtype)
 
+  def _fused_training(self, inputs):
+    """Training on [batch, height, width, channels] with TF's fused kernel (one replica).
+
+    The fused forward and gradient kernels are several times faster on CPU than the moments
+    built from generic reductions, and they read bfloat16/float16 inputs without a float32
+    copy. Same arithmetic as the generic path: normalise with the biased batch variance, and
+    move the averages towards it (the kernel returns the unbiased variance, so it is rescaled).
+    """
+    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
+        inputs, tf.float32)
+    outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+        x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+    self._update_moving_averages(mean, variance)
+    return tf.cast(outputs, self.compute_dtype)
+
+  def _update_moving_averages(self, mean, variance):
+    self.moving_mean.assign(
+        self.momentum * self.moving_mean
+        + (1.0 - self.momentum) * tf.reshape(mean, self._param_shape))
+    self.moving_variance.assign(
+        self.momentum * self.moving_variance
+        + (1.0 - self.momentum) * tf.reshape(variance, self._param_shape))
+
   def call(self, inputs, training=None):
     rank = len(inputs.shape)
     axes = self._axes(rank)
-    if not training and axes == [rank - 1]:
+    # Statistics per channel of a channels-last tensor map onto TF's fused kernels (any other
+    # rank through a [1, 1, elements, channels] view), except when the moments must be summed
+    # across replicas first.
+    fused = axes == [rank - 1] and (
+        not training or not self.synchronized or _replica_context() is None)
+    if fused:
+      kernel = self._fused_training if training else self._fused_inference
       if rank == 4:
-        return self._fused_inference(inputs)
-      # Other ranks with channels last: the same kernel on a [1, 1, elements, channels] view.
+        return kernel(inputs)
       flat = tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
-      return tf.reshape(self._fused_inference(flat), tf.shape(inputs))
+      return tf.reshape(kernel(flat), tf.shape(inputs))
     x = tf.cast(inputs, tf.float32)
     shape = self._broadcast_shape(rank)
     gamma = tf.reshape(self.gamma, shape)
@@ -138,12 +168,7 @@ class BatchNorm(keras.layers.Layer):
     if training:
       reduce_axes = [d for d in range(rank) if d not in axes]
       mean, variance = self._moments(x, reduce_axes)
-      self.moving_mean.assign(
-          self.momentum * self.moving_mean
-          + (1.0 - self.momentum) * tf.reshape(mean, self._param_shape))
-      self.moving_variance.assign(
-          self.momentum * self.moving_variance
-          + (1.0 - self.momentum) * tf.reshape(variance, self._param_shape))
+      self._update_moving_averages(mean, variance)
     else:
       mean = tf.reshape(self.moving_mean, shape)
       variance = tf.reshape(self.moving_variance, shape)
