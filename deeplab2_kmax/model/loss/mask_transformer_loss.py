@@ -189,25 +189,23 @@ class MaskTransformerLoss:
     if self._pq is not None or self._mask_id is not None or self._reference is not None:
       matching = matching_lib.match(
           targets, flat(mask_logits), model_outputs[common.PRED_TRANSFORMER_CLASS_LOGITS])
+      slots = matching_lib.slot_targets(targets, matching, num_slots)
 
     losses = {}
     for index, output in enumerate(outputs):
       terms = {}
-      if matching is not None:
-        permuted = matching_lib.permute_mask_logits(
-            flat(output[common.PRED_PIXEL_SPACE_MASK_LOGITS]), matching)
+      output_mask_logits = flat(output[common.PRED_PIXEL_SPACE_MASK_LOGITS])
       if self._pq is not None:
         terms[common.PQ_STYLE_LOSS_CLASS_TERM] = self._pq[0] * pq_style.class_term(
             output[common.PRED_TRANSFORMER_CLASS_LOGITS], matching.slot_class_target,
             matching.slot_is_matched, matching.matched_mask_dice, matching.void_ratio,
             self._focal_alpha)
         terms[common.PQ_STYLE_LOSS_MASK_DICE_TERM] = self._pq[0] * pq_style.mask_dice_term(
-            permuted, targets.pixel_mask_one_hot, targets.mask_non_void,
-            matching.matched_class_prob, num_slots, self._focal_alpha)
+            output_mask_logits, targets, slots, matching.matched_class_prob, self._focal_alpha)
       if self._mask_id is not None:
         terms[common.MASK_ID_CROSS_ENTROPY_LOSS] = (
             self._mask_id[0] * mask_id_cross_entropy.mask_id_cross_entropy(
-                permuted, targets.pixel_mask_one_hot, targets.pixel_non_void, self._mask_id[1]))
+                output_mask_logits, slots, targets.pixel_non_void, self._mask_id[1]))
       if self._instance is not None:
         feature = flat(output[common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE])
         if self._sample_k:

@@ -23,6 +23,8 @@ _linear_sum_assignment = tf.function(hungarian.linear_sum_assignment, jit_compil
 _NEGATIVE_PAD = -999.0
 _POSITIVE_PAD = 999.0
 _DICE_EPSILON = 1e-5
+# Logit of a padding slot (there are fewer slots than masks): softmax gives it no mass.
+_PADDED_SLOT_LOGIT = -99999.0
 
 
 class Matching(NamedTuple):
@@ -49,18 +51,18 @@ class Matching(NamedTuple):
   void_ratio: tf.Tensor
 
 
-def soft_dice(gt_masks: tf.Tensor, pred_masks: tf.Tensor) -> tf.Tensor:
+def soft_dice(targets: targets_lib.MaskTargets, pred_masks: tf.Tensor) -> tf.Tensor:
   """Dice similarity of every ground-truth mask with every soft predicted mask.
 
   Args:
-    gt_masks: float32 [batch, pixels, K] binary masks.
-    pred_masks: float32 [batch, pixels, N] soft masks in [0, 1].
+    targets: the K ground-truth masks at the P pixels.
+    pred_masks: float32 [batch, P, N] soft masks in [0, 1].
 
   Returns:
     float32 [batch, K, N]: sum(g p) / ((sum g + sum p) / 2 + 1e-5).
   """
-  intersection = tf.einsum('bpk,bpn->bkn', gt_masks, pred_masks)
-  half_total = (tf.reduce_sum(gt_masks, axis=1)[:, :, None]
+  intersection = sum_per_mask(pred_masks, targets)
+  half_total = (targets.mask_area[:, :, None]
                 + tf.reduce_sum(pred_masks, axis=1)[:, None, :]) / 2.0
   return intersection / (half_total + _DICE_EPSILON)
 
@@ -85,7 +87,7 @@ def match(targets: targets_lib.MaskTargets, mask_logits: tf.Tensor,
   size = max(num_masks, num_slots)
 
   mask_probs = tf.nn.softmax(mask_logits, axis=-1)
-  dice = soft_dice(targets.pixel_mask_one_hot, mask_probs * targets.pixel_non_void[:, :, None])
+  dice = soft_dice(targets, mask_probs * targets.pixel_non_void[:, :, None])
   class_probs = tf.nn.softmax(class_logits, axis=-1)[:, :, :num_classes]
   gt_class_one_hot = tf.one_hot(targets.mask_class_index, num_classes)  # Void -> zeros.
   class_similarity = tf.einsum('bkc,bnc->bkn', gt_class_one_hot, class_probs)
@@ -116,19 +118,67 @@ def match(targets: targets_lib.MaskTargets, mask_logits: tf.Tensor,
                   void_ratio=void_ratio)
 
 
-def permute_mask_logits(mask_logits: tf.Tensor, matching: Matching) -> tf.Tensor:
-  """Reorders slots so that column i holds the slot matched to (padded) ground-truth row i.
+class SlotTargets(NamedTuple):
+  """The matched ground truth in slot order, so losses read the mask logits as they are.
 
-  Args:
-    mask_logits: float [batch, P, N] (final or auxiliary output).
-    matching: from `match`.
+  Gathering every output's [batch, P, N] logits into ground-truth order (and padding them to
+  S columns) costs more than the losses themselves; instead each pixel and mask is told its
+  slot. Row k of the square assignment gives mask k's slot, for void rows too (their pixels
+  are trained towards whatever slot soaked them up, as in DeepLab2). A slot >= N is padding:
+  its logit counts as -99999, so its probability is 0.
 
-  Returns:
-    float32 [batch, P, S]; padded slots carry logit -99999 so softmax ignores them.
+  Attributes:
+    pixel_slot: int32 [batch, P], the slot of the pixel's mask, clipped into [0, N).
+    pixel_slot_is_real: float32 [batch, P], 1 for pixels in a mask whose slot is < N.
+    pixel_in_mask: float32 [batch, P], 1 for pixels that belong to some mask.
+    mask_slot: int32 [batch, K], the slot of each mask, clipped into [0, N).
+    mask_slot_is_real: float32 [batch, K], 1 for masks whose slot is < N.
   """
-  mask_logits = tf.cast(mask_logits, tf.float32)
+  pixel_slot: tf.Tensor
+  pixel_slot_is_real: tf.Tensor
+  pixel_in_mask: tf.Tensor
+  mask_slot: tf.Tensor
+  mask_slot_is_real: tf.Tensor
+
+
+def slot_targets(targets: targets_lib.MaskTargets, matching: Matching,
+                 num_slots: int) -> SlotTargets:
+  """Per pixel and per mask, the slot the matching gave to the mask (see SlotTargets)."""
+  num_masks = targets.pixel_mask_one_hot.shape[-1]
   size = matching.slot_of_square_row.shape[-1]
-  num_slots = mask_logits.shape[-1]
-  padded = tf.pad(mask_logits, [[0, 0], [0, 0], [0, size - num_slots]],
-                  constant_values=-99999.0)
-  return tf.gather(padded, matching.slot_of_square_row, axis=2, batch_dims=1)
+  raw_mask_slot = matching.slot_of_square_row[:, :num_masks]
+  mask_slot_is_real = raw_mask_slot < num_slots
+  pixel_in_mask = targets.pixel_mask_index < num_masks
+  # Pixels in no mask have index K, which may lie past the square (S == K): clip, then mask.
+  raw_pixel_slot = tf.gather(matching.slot_of_square_row,
+                             tf.minimum(targets.pixel_mask_index, size - 1), batch_dims=1)
+  pixel_slot_is_real = tf.logical_and(pixel_in_mask, raw_pixel_slot < num_slots)
+  return SlotTargets(
+      pixel_slot=tf.minimum(raw_pixel_slot, num_slots - 1),
+      pixel_slot_is_real=tf.cast(pixel_slot_is_real, tf.float32),
+      pixel_in_mask=tf.cast(pixel_in_mask, tf.float32),
+      mask_slot=tf.minimum(raw_mask_slot, num_slots - 1),
+      mask_slot_is_real=tf.cast(mask_slot_is_real, tf.float32))
+
+
+def logit_of_pixel_slot(mask_logits: tf.Tensor, slots: SlotTargets) -> tf.Tensor:
+  """float32 [batch, P]: each pixel's logit for its mask's slot, -99999 for padding slots."""
+  picked = tf.gather(mask_logits, slots.pixel_slot[:, :, None], batch_dims=2)[:, :, 0]
+  return tf.where(slots.pixel_slot_is_real > 0.5, picked, _PADDED_SLOT_LOGIT)
+
+
+def sum_per_mask(values: tf.Tensor, targets: targets_lib.MaskTargets) -> tf.Tensor:
+  """Sums per-pixel values over each mask's pixels: [batch, P, ...] -> float32 [batch, K, ...].
+
+  A segment sum over the pixels' mask indices: O(P) work per value, where a product with
+  the one-hot masks costs O(P K).
+  """
+  num_masks = targets.pixel_mask_one_hot.shape[-1]
+  batch = tf.shape(values)[0]
+  trailing = values.shape[2:]
+  # One segment per (image, mask) plus a discarded one per image for pixels in no mask.
+  segments = targets.pixel_mask_index + (num_masks + 1) * tf.range(batch)[:, None]
+  sums = tf.math.unsorted_segment_sum(
+      tf.reshape(values, [-1] + trailing.as_list()), tf.reshape(segments, [-1]),
+      batch * (num_masks + 1))
+  return tf.reshape(sums, [batch, num_masks + 1] + trailing.as_list())[:, :num_masks]

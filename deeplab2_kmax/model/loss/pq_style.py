@@ -13,7 +13,9 @@ each term with the (stop-gradient) other quality of the matched pair:
 
 import tensorflow as tf
 
+from deeplab2_kmax.model.loss import matching as matching_lib
 from deeplab2_kmax.model.loss import reduction
+from deeplab2_kmax.model.loss import targets as targets_lib
 
 _WEIGHT_FLOOR = 1e-5
 
@@ -44,30 +46,32 @@ def class_term(class_logits: tf.Tensor, class_target: tf.Tensor, slot_is_matched
   return reduction.mean_over_nonzero(cross_entropy * alpha * tf.stop_gradient(weight))
 
 
-def mask_dice_term(permuted_mask_logits: tf.Tensor, gt_masks: tf.Tensor,
-                   mask_non_void: tf.Tensor, matched_class_prob: tf.Tensor, num_slots: int,
+def mask_dice_term(mask_logits: tf.Tensor, targets: targets_lib.MaskTargets,
+                   slots: matching_lib.SlotTargets, matched_class_prob: tf.Tensor,
                    focal_alpha: float = 0.75) -> tf.Tensor:
   """Weighted dice loss of each ground-truth mask against its matched slot.
 
   Args:
-    permuted_mask_logits: float [batch, P, S] where column i is the slot matched to
-      ground-truth row i (padded slots at -99999).
-    gt_masks: float32 [batch, P, K] binary ground-truth masks, K <= S.
-    mask_non_void: float32 [batch, K], 1 for masks that take part.
+    mask_logits: float [batch, P, N] mask logits (final or auxiliary output), slot order.
+    targets: the K ground-truth masks at the P pixels.
+    slots: the matching in slot order (matching_lib.slot_targets); a mask whose slot is
+      padding has a probability of 0 everywhere.
     matched_class_prob: float32 [batch, K], the weight of each mask (floored at 1e-5).
-    num_slots: N, the number of real slots.
     focal_alpha: the class term's alpha, reused in the scale alpha / N.
 
   Returns:
     float32 [batch], unscaled by the loss weight.
   """
-  num_masks = gt_masks.shape[-1]
-  probs = tf.nn.softmax(tf.cast(permuted_mask_logits, tf.float32), axis=-1)[:, :, :num_masks]
+  mask_logits = tf.cast(mask_logits, tf.float32)
+  num_slots = mask_logits.shape[-1]
+  log_normaliser = tf.reduce_logsumexp(mask_logits, axis=-1)
+  probs = tf.exp(mask_logits - log_normaliser[:, :, None])
   # Only pixels that belong to some ground-truth mask take part (void and crowd do not).
-  valid = tf.reduce_sum(gt_masks, axis=-1, keepdims=True)
-  probs = probs * valid
-  intersection = tf.reduce_sum(probs * gt_masks, axis=1)
-  total = tf.reduce_sum(probs, axis=1) + tf.reduce_sum(gt_masks, axis=1)
+  slot_mass = tf.reduce_sum(probs * slots.pixel_in_mask[:, :, None], axis=1)  # [batch, N]
+  mask_mass = tf.gather(slot_mass, slots.mask_slot, batch_dims=1) * slots.mask_slot_is_real
+  pixel_prob = tf.exp(matching_lib.logit_of_pixel_slot(mask_logits, slots) - log_normaliser)
+  intersection = matching_lib.sum_per_mask(pixel_prob, targets)
+  total = mask_mass + targets.mask_area
   dice_loss = 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)
-  weight = mask_non_void * tf.maximum(matched_class_prob, _WEIGHT_FLOOR)
+  weight = targets.mask_non_void * tf.maximum(matched_class_prob, _WEIGHT_FLOOR)
   return tf.reduce_sum(dice_loss * tf.stop_gradient(weight), axis=-1) * (focal_alpha / num_slots)

@@ -28,7 +28,7 @@ def reference_mask_loss(reference_mask_logits: tf.Tensor, targets: targets_lib.M
   reference = tf.exp(tf.cast(reference_mask_logits, tf.float32))
   reference = reference * targets.pixel_non_void[:, :, None]
   num_slots = reference.shape[-1]
-  dice = matching_lib.soft_dice(targets.pixel_mask_one_hot, reference)  # [batch, K, N]
+  dice = matching_lib.soft_dice(targets, reference)  # [batch, K, N]
   pairs = tf.one_hot(matching.matched_slot, num_slots, dtype=tf.float32)  # -1 -> zeros
   matched_dice = tf.reduce_sum(dice * pairs, axis=2)
   is_matched = tf.reduce_sum(pairs, axis=2)

@@ -26,6 +26,8 @@ class MaskTargets(NamedTuple):
 
   Attributes:
     pixel_mask_one_hot: float32 [batch, P, K], 1 where the pixel belongs to mask k.
+    pixel_mask_index: int32 [batch, P], the mask k of each pixel, K for pixels in none (void
+      and crowd pixels); the same information as pixel_mask_one_hot, for gathers.
     pixel_non_void: float32 [batch, P], 1 for pixels not labelled ignore.
     pixel_thing: float32 [batch, P], 1 for pixels of a (non-crowd) thing mask.
     mask_class: int32 [batch, K], dataset class id of each mask, -1 for void masks.
@@ -35,6 +37,7 @@ class MaskTargets(NamedTuple):
     inverse_pixel_mask_area: float32 [batch, P], P / max(area of the pixel's mask, 1).
   """
   pixel_mask_one_hot: tf.Tensor
+  pixel_mask_index: tf.Tensor
   pixel_non_void: tf.Tensor
   pixel_thing: tf.Tensor
   mask_class: tf.Tensor
@@ -86,9 +89,21 @@ def prepare_mask_targets(semantic_gt: tf.Tensor, thing_id_mask_gt: tf.Tensor,
   pixel_thing = tf.cast(thing_id >= 0, tf.float32)
 
   stuff_ids = tf.constant(list(stuff_class_ids), tf.int32, shape=[len(stuff_class_ids)])
-  thing_one_hot = tf.one_hot(thing_id, max_thing_id, dtype=tf.float32)  # -1 -> all zero.
-  stuff_one_hot = tf.cast(tf.equal(semantic[:, :, None], stuff_ids[None, None, :]), tf.float32)
-  pixel_mask_one_hot = tf.concat([thing_one_hot, stuff_one_hot], axis=-1)
+  num_masks = max_thing_id + len(stuff_class_ids)
+  # Each pixel belongs to at most one mask: its thing id's, else its stuff class's.
+  stuff_position = tf.scatter_nd(
+      tf.constant([[c] for c in stuff_class_ids], tf.int32, shape=[len(stuff_class_ids), 1]),
+      tf.range(1, len(stuff_class_ids) + 1, dtype=tf.int32),
+      [max(list(stuff_class_ids) + [0]) + 1]) - 1
+  in_stuff_range = tf.logical_and(semantic >= 0, semantic < tf.shape(stuff_position)[0])
+  stuff_index = tf.where(
+      in_stuff_range,
+      tf.gather(stuff_position, tf.clip_by_value(semantic, 0, tf.shape(stuff_position)[0] - 1)),
+      -1)
+  pixel_mask_index = tf.where(
+      tf.logical_and(thing_id >= 0, thing_id < max_thing_id), thing_id,
+      tf.where(stuff_index >= 0, max_thing_id + stuff_index, num_masks))
+  pixel_mask_one_hot = tf.one_hot(pixel_mask_index, num_masks, dtype=tf.float32)  # K -> zeros.
 
   mask_area = tf.reduce_sum(pixel_mask_one_hot, axis=1)  # [batch, K]
   mask_class = tf.concat([
@@ -110,7 +125,8 @@ def prepare_mask_targets(semantic_gt: tf.Tensor, thing_id_mask_gt: tf.Tensor,
 
   pixel_mask_area = tf.einsum('bpk,bk->bp', pixel_mask_one_hot, mask_area)
   inverse_pixel_mask_area = float(num_pixels) / tf.maximum(pixel_mask_area, 1.0)
-  return MaskTargets(pixel_mask_one_hot=pixel_mask_one_hot, pixel_non_void=pixel_non_void,
+  return MaskTargets(pixel_mask_one_hot=pixel_mask_one_hot, pixel_mask_index=pixel_mask_index,
+                     pixel_non_void=pixel_non_void,
                      pixel_thing=pixel_thing, mask_class=mask_class,
                      mask_class_index=mask_class_index, mask_non_void=mask_non_void,
                      mask_area=mask_area, inverse_pixel_mask_area=inverse_pixel_mask_area)

@@ -76,20 +76,34 @@ def test_matching_is_stop_gradient():
   assert tape.gradient(total, logits) is None
 
 
-def test_permute_mask_logits_puts_matched_slot_in_mask_column():
-  mask_logits, class_logits, _, tf_targets, _ = _case(num_slots=2)
+@pytest.mark.parametrize('num_slots', [3, 2, 5])
+def test_slot_targets_give_each_pixel_its_masks_square_row_slot(num_slots):
+  mask_logits, class_logits, _, tf_targets, _ = _case(num_slots=num_slots)
   result = _tf_match(tf_targets, mask_logits, class_logits)
-  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result).numpy()
-  assert permuted.shape == (2, 16, 3)  # S = max(K=3, N=2).
+  slots = matching.slot_targets(tf_targets, result, num_slots)
+  square = result.slot_of_square_row.numpy()
   for b in range(2):
-    used = set()
-    for column, slot in enumerate(result.slot_of_square_row.numpy()[b]):
-      if slot < 2:
-        np.testing.assert_allclose(permuted[b, :, column], mask_logits[b, :, slot], rtol=1e-6)
-        used.add(slot)
-      else:
-        np.testing.assert_array_equal(permuted[b, :, column], -99999.0)
-    assert used == {0, 1}
+    for p in range(16):
+      ks = np.nonzero(tf_targets.pixel_mask_one_hot.numpy()[b, p])[0]
+      assert slots.pixel_in_mask.numpy()[b, p] == len(ks)
+      if len(ks):
+        real = square[b, ks[0]] < num_slots
+        assert slots.pixel_slot_is_real.numpy()[b, p] == real
+        if real:
+          assert slots.pixel_slot.numpy()[b, p] == square[b, ks[0]]
+    np.testing.assert_array_equal(slots.mask_slot_is_real.numpy()[b], square[b, :3] < num_slots)
+  logits = matching.logit_of_pixel_slot(tf.constant(mask_logits, tf.float32), slots).numpy()
+  expected = np.where(slots.pixel_slot_is_real.numpy() > 0,
+                      np.take_along_axis(mask_logits, slots.pixel_slot.numpy()[..., None],
+                                         axis=2)[..., 0], -99999.0)
+  np.testing.assert_allclose(logits, expected, rtol=1e-6)
+
+
+def test_sum_per_mask_equals_one_hot_product():
+  _, _, feature, tf_targets, _ = _case(feature_dim=3)
+  sums = matching.sum_per_mask(tf.constant(feature, tf.float32), tf_targets).numpy()
+  expected = np.einsum('bpk,bpd->bkd', tf_targets.pixel_mask_one_hot.numpy(), feature)
+  np.testing.assert_allclose(sums, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize('num_slots', [3, 2])
@@ -99,10 +113,9 @@ def test_pq_style_terms(num_slots):
   class_term = pq_style.class_term(tf.constant(class_logits, tf.float32),
                                    result.slot_class_target, result.slot_is_matched,
                                    result.matched_mask_dice, result.void_ratio).numpy()
-  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result)
-  dice_term = pq_style.mask_dice_term(permuted, tf_targets.pixel_mask_one_hot,
-                                      tf_targets.mask_non_void, result.matched_class_prob,
-                                      num_slots).numpy()
+  dice_term = pq_style.mask_dice_term(
+      tf.constant(mask_logits, tf.float32), tf_targets,
+      matching.slot_targets(tf_targets, result, num_slots), result.matched_class_prob).numpy()
   for b in range(2):
     slot, dice, sim = ref.match(np_targets[b], mask_logits[b], class_logits[b])
     np.testing.assert_allclose(
@@ -125,13 +138,33 @@ def test_class_term_by_hand():
 def test_mask_id_cross_entropy():
   mask_logits, class_logits, _, tf_targets, np_targets = _case(seed=2)
   result = _tf_match(tf_targets, mask_logits, class_logits)
-  permuted = matching.permute_mask_logits(tf.constant(mask_logits, tf.float32), result)
   value = mask_id_cross_entropy.mask_id_cross_entropy(
-      permuted, tf_targets.pixel_mask_one_hot, tf_targets.pixel_non_void).numpy()
+      tf.constant(mask_logits, tf.float32), matching.slot_targets(tf_targets, result, 3),
+      tf_targets.pixel_non_void).numpy()
   for b in range(2):
     slot, _, _ = ref.match(np_targets[b], mask_logits[b], class_logits[b])
     np.testing.assert_allclose(value[b], ref.mask_id_ce(np_targets[b], slot, mask_logits[b]),
                                rtol=1e-5)
+
+
+def test_mask_id_cross_entropy_with_fewer_slots_than_masks():
+  # Masks left without a real slot are trained against a -99999 padding logit (DeepLab2's
+  # dense form: logits padded to S columns, permuted, cross-entropy with one-hot rows).
+  mask_logits, class_logits, _, tf_targets, _ = _case(num_slots=2, seed=4)
+  result = _tf_match(tf_targets, mask_logits, class_logits)
+  value = mask_id_cross_entropy.mask_id_cross_entropy(
+      tf.constant(mask_logits, tf.float32), matching.slot_targets(tf_targets, result, 2),
+      tf_targets.pixel_non_void).numpy()
+  one_hot = tf_targets.pixel_mask_one_hot.numpy()
+  square = result.slot_of_square_row.numpy()
+  padded = np.concatenate([mask_logits, np.full((2, 16, 1), -99999.0)], axis=2)
+  for b in range(2):
+    permuted = padded[b][:, square[b]]
+    log_normaliser = np.log(np.exp(mask_logits[b]).sum(-1))
+    losses = [log_normaliser[p] - permuted[p, one_hot[b, p].argmax()]
+              for p in range(16)
+              if one_hot[b, p].any() and tf_targets.pixel_non_void.numpy()[b, p]]
+    np.testing.assert_allclose(value[b], np.mean(losses), rtol=1e-6)
 
 
 def test_prototype_instance_discrimination():
