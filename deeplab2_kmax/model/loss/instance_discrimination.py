@@ -16,6 +16,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from deeplab2_kmax.model.loss import counter_random
 from deeplab2_kmax.model.loss import reduction
 from deeplab2_kmax.model.loss import targets as targets_lib
 
@@ -55,7 +56,8 @@ def gumbel_top_k(logits: tf.Tensor, k: int, seed: Optional[tf.Tensor] = None) ->
   Args:
     logits: float32 [batch, P].
     k: number of samples, <= P.
-    seed: optional int32 [2] for stateless (reproducible) sampling.
+    seed: optional int32 [2] for reproducible sampling: the same draw in eager, graph and
+      XLA-compiled code (counter_random.py says why TF's stateless ops do not give that).
 
   Returns:
     int32 [batch, k].
@@ -63,7 +65,7 @@ def gumbel_top_k(logits: tf.Tensor, k: int, seed: Optional[tf.Tensor] = None) ->
   if seed is None:
     uniform = tf.random.uniform(tf.shape(logits), minval=1e-20, maxval=1.0)
   else:
-    uniform = tf.random.stateless_uniform(tf.shape(logits), seed, minval=1e-20, maxval=1.0)
+    uniform = counter_random.uniform(tf.shape(logits), seed)
   gumbel = -tf.math.log(-tf.math.log(uniform))
   return tf.math.top_k(logits + gumbel, k=k).indices
 
