@@ -5,17 +5,21 @@ replica's copy bit-identical, halves the loss scale and still advances the globa
 normal step after it moves weights and moments again.
 
 Before the fix, the several-replica path applied zeroed gradients instead of skipping, which
-decayed Adam's moments, applied AdamW's weight decay and counted an optimizer iteration."""
+decayed Adam's moments, applied AdamW's weight decay and counted an optimizer iteration.
+
+Slow: the subprocess traces a two-replica float16 step (about 90 s on 2 idle cores)."""
 
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.trainer import distributed_helper
 
+pytestmark = pytest.mark.slow
 _ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONPATH': str(REPO_ROOT)}
 
 
@@ -43,8 +47,7 @@ def test_overflowing_float16_step_on_two_replicas_leaves_the_training_state_unch
   assert all(k.endswith(('replica_0', 'replica_1')) for k in [*optimizer, *weights])
   for key in [*optimizer, *weights]:
     np.testing.assert_array_equal(skipped[key], first[key], err_msg=key)
-  iterations = [k for k in optimizer if k.split('/')[-2] == 'iteration' or
-                k.split('/')[-2] == 'iterations']
+  iterations = [k for k in optimizer if k.split('/')[-2] in ('iteration', 'iterations')]
   assert iterations, sorted(optimizer)[:5]
   for key in iterations:
     assert int(first[key]) == 1 and int(last[key]) == 2, key
