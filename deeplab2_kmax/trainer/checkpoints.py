@@ -7,21 +7,27 @@ is a dict of its variables keyed by their Keras path below the item, '/' written
 (`encoder/stage2.block1.conv1_bn_act.conv.kernel`): Keras 3 keeps sub-layers in its own list
 wrappers, which tf.train.Checkpoint's object graph does not follow, so handing it the layers
 would silently save only the variables outside lists. Optimizer variables are keyed by their
-position (see make_checkpoint).
+position (see make_checkpoint). Under mixed_float16 the item `loss_scale` holds the dynamic
+loss scale (`scale`, `good_steps`); a checkpoint written before it was saved still restores,
+the scale then starting afresh (restore returns the absent OPTIONAL_ITEMS).
 tf.train.CheckpointManager writes `ckpt-<step>.{index,data-*}` and then, atomically, the
 `checkpoint` state file; a kill at any moment therefore leaves the previous complete
 checkpoint as the latest one.
 """
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import tensorflow as tf
 
+from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import strategy as strategy_lib
 
 CHECKPOINT_PREFIX = 'ckpt'
+LOSS_SCALE_ITEM = 'loss_scale'
+# Items added after checkpoints were first written: a checkpoint without them still restores.
+OPTIONAL_ITEMS = (LOSS_SCALE_ITEM,)
 
 
 def variables_by_path(variables, strip_components: int = 0) -> dict:
@@ -36,7 +42,9 @@ def variables_by_path(variables, strip_components: int = 0) -> dict:
   return result
 
 
-def make_checkpoint(model, optimizer_groups, global_step: tf.Variable) -> tf.train.Checkpoint:
+def make_checkpoint(model, optimizer_groups, global_step: tf.Variable,
+                    loss_scale=None) -> tf.train.Checkpoint:
+  """The training checkpoint; `loss_scale`: the run's DynamicLossScale (mixed_float16)."""
   # Paths are '<model name>/<component>/...': key by what follows the component.
   items = {name: variables_by_path(component.weights, strip_components=2)
            for name, component in model.components().items()}
@@ -48,7 +56,20 @@ def make_checkpoint(model, optimizer_groups, global_step: tf.Variable) -> tf.tra
     # order) does not.
     items[name] = {f'{index:05d}': variable
                    for index, variable in enumerate(group.optimizer.variables)}
+  if loss_scale is not None:
+    items[LOSS_SCALE_ITEM] = loss_scale.checkpoint_items()
   return tf.train.Checkpoint(**items)
+
+
+def _absent_optional_items(checkpoint: tf.train.Checkpoint, path: str) -> dict:
+  """{name: object} of the OPTIONAL_ITEMS that `checkpoint` has and the file at `path` lacks."""
+  children = tf.train.TrackableView(checkpoint).children(checkpoint)
+  wanted = {name: children[name] for name in OPTIONAL_ITEMS if name in children}
+  if not wanted:
+    return {}
+  # Saved variables are keyed '<item>/<key>/.ATTRIBUTES/VARIABLE_VALUE'.
+  saved_items = {name.split('/')[0] for name, _ in tf.train.list_variables(path)}
+  return {name: child for name, child in wanted.items() if name not in saved_items}
 
 
 def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, global_step: tf.Variable,
@@ -69,16 +90,26 @@ class CheckpointMismatchError(RuntimeError):
   """A checkpoint in the model directory does not fit the configured model."""
 
 
-def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
-  """Restores `path` into `checkpoint`; every object of `checkpoint` must be found in it.
+def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> list[str]:
+  """Restores `path` into `checkpoint`; every object of `checkpoint` must be found in it, but
+  for OPTIONAL_ITEMS, whose variables keep their values when the file lacks them.
 
   Args:
     partial: allow values in the file that `checkpoint` lacks (e.g. optimizer slots at eval).
+
+  Returns:
+    The names of the OPTIONAL_ITEMS the file lacks.
 
   Raises:
     CheckpointMismatchError: naming the checkpoint and the fix, when a variable is missing or
       has another shape (the config changed since the checkpoint was written).
   """
+  absent = _absent_optional_items(checkpoint, path)
+  if absent:
+    children = tf.train.TrackableView(checkpoint).children(checkpoint)
+    # The same objects less the absent items (save_counter is the Checkpoint's own).
+    checkpoint = tf.train.Checkpoint(**{name: child for name, child in children.items()
+                                        if name not in absent and name != 'save_counter'})
   try:
     status = checkpoint.restore(path)
     if partial:
@@ -90,12 +121,19 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -
         f'checkpoint {path} does not fit the configured model ({detail}); the config changed '
         f'since it was written: use the config it was trained with, or a new --model_dir.'
     ) from None
+  return sorted(absent)
 
 
-def restore_latest(manager: tf.train.CheckpointManager) -> Optional[str]:
-  """Restores the newest checkpoint (model, optimizer state, step); returns its path or None."""
+def restore_latest(manager: tf.train.CheckpointManager,
+                   log_fn: Callable[[str], None] = logging.info) -> Optional[str]:
+  """Restores the newest checkpoint (model, optimizer state, step, loss scale); returns its
+  path or None. Says through `log_fn` when the file has no loss scale for a loss-scaled run."""
   path = manager.latest_checkpoint
   if path:
-    restore(manager.checkpoint, path)
+    absent = restore(manager.checkpoint, path)
     logging.info('resumed from %s', path)
+    if LOSS_SCALE_ITEM in absent:
+      log_fn(f'[train] {path} has no dynamic loss scale (written before the scale was '
+             f'checkpointed); the mixed_float16 loss scale starts afresh at '
+             f'{loss_scale_lib.INITIAL_LOSS_SCALE:g}.')
   return path

@@ -25,6 +25,7 @@ from deeplab2_kmax.model.post_processing import post_processor as post_processor
 from deeplab2_kmax.trainer import checkpoints
 from deeplab2_kmax.trainer import evaluator as evaluator_lib
 from deeplab2_kmax.trainer import initial_checkpoint
+from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import optimizer as optimizer_lib
 from deeplab2_kmax.trainer import strategy as strategy_lib
 from deeplab2_kmax.trainer import trainer as trainer_lib
@@ -89,14 +90,18 @@ class Experiment:
                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
       self.groups = (optimizer_lib.build_optimizers(trainer_options.solver_options, self.model,
                                                     self.global_step) if training else [])
-      self.checkpoint = checkpoints.make_checkpoint(self.model, self.groups, self.global_step)
+      # Checkpointed with the run, so a resumed mixed_float16 run keeps its scale.
+      self.loss_scale = (loss_scale_lib.DynamicLossScale() if training and
+                         trainer_options.mixed_precision_policy == 'mixed_float16' else None)
+      self.checkpoint = checkpoints.make_checkpoint(self.model, self.groups, self.global_step,
+                                                    self.loss_scale)
     self.manager = checkpoints.make_manager(self.checkpoint, model_dir, self.global_step,
                                             trainer_options, self.strategy)
     latest = self.manager.latest_checkpoint
     if latest and not training:
       # Fail here with a readable message rather than inside Orbit's restore.
       checkpoints.restore(self.checkpoint, latest, partial=True)
-    resumed = checkpoints.restore_latest(self.manager) if training else None
+    resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
     if resumed:
       log_fn(f'[train] resumed from {resumed} at step {int(self.global_step.numpy())}')
     elif training:
@@ -116,6 +121,7 @@ class Experiment:
                                          self.global_step, self.strategy,
                                          _distribute(self.strategy, train_pipeline, skip),
                                          log_fn=log_fn, descriptor=self.descriptor,
+                                         loss_scale=self.loss_scale,
                                          post_processor=post_processor_lib.PostProcessor
                                          .from_options(config.evaluator_options,
                                                        self.descriptor,

@@ -7,10 +7,17 @@ end then raises NonFiniteLossError naming that step, before Orbit saves a checkp
 last checkpoint on disk is the last good state.
 
 Under `mixed_float16` the objective is multiplied by a dynamic loss scale and the gradients
-divided by it (Keras LossScaleOptimizer's rule, kept here because the runner drives one or two
-optimizers itself): a step whose loss is finite but whose gradients overflow is skipped (no
-update) and halves the scale; LOSS_SCALE_GROWTH_STEPS good steps in a row double it. Only a
-non-finite loss, or an overflow at a scale already at 1, stops training.
+divided by it (trainer/loss_scale.py, Keras LossScaleOptimizer's rule, kept here because the
+runner drives one or two optimizers itself): a step whose loss is finite but whose gradients
+overflow is skipped and halves the scale; loss_scale.GROWTH_STEPS good steps in a row double
+it. Only a non-finite loss, or an overflow at a scale already at 1, stops training. Gradient
+clipping sees the unscaled gradients, so clip_gradient_norm means the same in every precision.
+
+A skipped step (overflow, or a non-finite loss) leaves the weights and every optimizer variable
+untouched, the optimizers' `iterations` included (as LossScaleOptimizer does: Adam's bias
+correction counts applied updates only); the global step still advances, so the learning-rate
+schedule, which reads the global step, moves on by one. Batch-norm moving statistics come from
+the forward pass and are updated either way, as in Keras.
 
 With trainer_options.save_images_steps > 0, each step keeps its first (up to
 MAX_IMAGE_SAMPLES) images and ground-truth panoptic maps of the first replica; a loop that
@@ -33,12 +40,9 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import progress
 from deeplab2_kmax import visualization
+from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import optimizer as optimizer_lib
 
-
-# Keras LossScaleOptimizer's defaults.
-INITIAL_LOSS_SCALE = 2.0 ** 15
-LOSS_SCALE_GROWTH_STEPS = 2000
 # Training image panels written per save_images_steps.
 MAX_IMAGE_SAMPLES = 2
 
@@ -62,10 +66,13 @@ class Trainer(orbit.StandardTrainer):
     post_processor: PostProcessor at the training crop; with `descriptor`, needed for the
       image summaries of trainer_options.save_images_steps (else none are written).
     descriptor: DatasetDescriptor of the training split (its colours).
+    loss_scale: DynamicLossScale under mixed_float16, the one in the training checkpoint
+      (default: a new one, not checkpointed); ignored in other precisions.
   """
 
   def __init__(self, config, model, loss, optimizer_groups, global_step, strategy,
-               train_dataset, log_fn=print, post_processor=None, descriptor=None):
+               train_dataset, log_fn=print, post_processor=None, descriptor=None,
+               loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None):
     trainer_options = config.trainer_options
     super().__init__(train_dataset, orbit.StandardTrainerOptions(use_tf_function=True,
                                                                  use_tf_while_loop=False))
@@ -95,14 +102,12 @@ class Trainer(orbit.StandardTrainer):
       self._count = tf.Variable(0.0, trainable=False, name='loop_steps')
       # First step whose loss was not finite (-1: none).
       self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name='bad_step')
-      self.loss_scale = self.good_steps = None
+      self.dynamic_loss_scale = self.loss_scale = self.good_steps = None
       if self.loss_scaled:
-        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.loss_scale = tf.Variable(INITIAL_LOSS_SCALE, trainable=False, name='loss_scale',
-                                      aggregation=first)
-        # Finite-gradient steps since the scale last changed.
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                      name='loss_scale_good_steps', aggregation=first)
+        self.dynamic_loss_scale = loss_scale or loss_scale_lib.DynamicLossScale()
+        # Its variables: the scale and the finite-gradient steps since it last changed.
+        self.loss_scale = self.dynamic_loss_scale.value
+        self.good_steps = self.dynamic_loss_scale.good_steps
     self.images_steps = trainer_options.save_images_steps
     self.post_processor = post_processor
     self.descriptor = descriptor
@@ -161,39 +166,46 @@ class Trainer(orbit.StandardTrainer):
       bad, overflow = context.all_reduce(tf.distribute.ReduceOp.SUM, [bad, overflow])
     if self.loss_scaled:
       # A finite loss with overflowing gradients only skips the step (see module docstring).
-      stop = tf.logical_or(bad > 0, tf.logical_and(overflow > 0, self.loss_scale <= 1.0))
-      grow = tf.logical_and(overflow == 0, self.good_steps + 1 >= LOSS_SCALE_GROWTH_STEPS)
-      self.loss_scale.assign(tf.where(overflow > 0, tf.maximum(self.loss_scale / 2.0, 1.0),
-                                      tf.where(grow, self.loss_scale * 2.0, self.loss_scale)))
-      self.good_steps.assign(tf.where(tf.logical_or(overflow > 0, grow),
-                                      tf.constant(0, tf.int64), self.good_steps + 1))
+      stop = tf.logical_or(bad > 0, self.dynamic_loss_scale.update(overflow))
       bad = tf.cast(stop, tf.float32)
     else:
       bad = bad + tf.cast(overflow > 0, tf.float32)
     if self.solver.use_gradient_clipping:
+      # `gradients` are unscaled already (_gradients divides by the loss scale).
       if num_replicas > 1:
         # Clip the summed gradient; the optimizer sums again, so hand it the per-replica share.
         gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
       gradients, _ = optimizer_lib.clip_gradients(self.solver, gradients)
       if num_replicas > 1:
         gradients = [g / num_replicas for g in gradients]
+    # The same on every replica: `bad` and `overflow` are all-reduced.
     ok = tf.logical_and(tf.equal(bad, 0.0), tf.equal(overflow, 0.0))
+    present = [i for i, g in enumerate(gradients) if g is not None]
 
-    def apply():
+    def apply(values):
+      """Runs each optimizer on the (non-None) gradients `values`; replica context."""
       for index, group in enumerate(self.groups):
-        pairs = [(g, v) for g, v in zip(gradients, self.train_variables)
-                 if g is not None and self._group_of[id(v)] == index]
+        pairs = [(g, self.train_variables[i]) for g, i in zip(values, present)
+                 if self._group_of[id(self.train_variables[i])] == index]
         if pairs:
           group.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
-      return tf.constant(True)
 
-    if num_replicas > 1:
-      # merge_call inside a cond is not allowed; zeroed gradients keep weights finite (Adam's
-      # moments still decay one step; the loop end stops training on a non-finite loss).
-      gradients = [None if g is None else tf.where(ok, g, tf.zeros_like(g)) for g in gradients]
-      apply()
+    values = [gradients[i] for i in present]
+    if num_replicas == 1 or tf.__internal__.distribute.strategy_supports_no_merge_call():
+      tf.cond(ok, lambda: apply(values), lambda: None)
     else:
-      tf.cond(ok, apply, lambda: tf.constant(False))
+      # The optimizers merge_call (MirroredStrategy, MultiWorkerMirrored on CPUs), which a
+      # cond in replica context cannot contain: decide in cross-replica context and apply per
+      # replica from there, as Keras' LossScaleOptimizer does. Applying zeroed gradients
+      # instead would still decay Adam's moments, apply AdamW's weight decay and count an
+      # iteration.
+      def cross_replica(strategy, ok, values):
+        first_ok = strategy.experimental_local_results(ok)[0]
+        tf.cond(first_ok,
+                lambda: strategy.extended.call_for_each_replica(apply, args=(values,)),
+                lambda: None)
+
+      context.merge_call(cross_replica, args=(ok, values))
     return scaled, bad
 
   def _keep_images(self, batch):

@@ -6,6 +6,11 @@ initialisation, so these run outside the pytest process).
          MirroredStrategy over 2 logical CPUs, same global batch and initial weights.
     python -m tests.trainer.distributed_helper worker DATA_DIR OUT_DIR   (TF_CONFIG set)
       -> OUT_DIR/worker_<index>.npz: weights after two MultiWorkerMirrored steps.
+    python -m tests.trainer.distributed_helper fp16_skip DATA_DIR OUT_DIR
+      -> OUT_DIR/fp16_skip_{0,1,2}.npz: mixed_float16 AdamW training state (weights, every
+         optimizer variable, global step, loss scale) on MirroredStrategy over 2 logical CPUs
+         after a normal step (0), a step whose scaled gradients overflow (1) and another
+         normal step (2).
 """
 
 import json
@@ -29,15 +34,63 @@ trainer_options {
 '''
 
 
+# AdamW with weight decay (which moves kernels even without a gradient) and gradient clipping
+# (which all-reduces the gradients first on several replicas); no warm-up, so step 0 moves.
+FP16_SKIP_OVERRIDE = '''
+trainer_options {
+  mixed_precision_policy: "mixed_float16" steps_per_loop: 1
+  solver_options { optimizer: "adamw" adamw_weight_decay: 0.05 warmup_steps: 0
+                   use_gradient_clipping: true clip_gradient_norm: 1.0 }
+}
+'''
+# This untrained tiny model's float16 gradients overflow at a loss scale of 2^24 while its loss
+# stays finite (tests/trainer/test_precision.py); 2^12 does not overflow.
+OVERFLOWING_SCALE = 2.0 ** 24
+SAFE_SCALE = 2.0 ** 12
+
+
 def _weights(model):
   return {v.path: np.asarray(v.numpy()) for v in model.weights}
+
+
+def _training_state(experiment):
+  """Every replica's copy of the trainable weights and optimizer variables, the steps and the
+  scale (batch-norm moving statistics come from the forward pass and move on any step)."""
+  strategy = experiment.strategy
+  state = {'global_step': experiment.global_step.numpy(),
+           'loss_scale': experiment.trainer.loss_scale.numpy()}
+  variables = [('weight', v) for v in experiment.model.trainable_variables]
+  for group in experiment.groups:
+    variables += [(f'{group.name}_optimizer', v) for v in group.optimizer.variables]
+  for kind, variable in variables:
+    for replica, value in enumerate(strategy.experimental_local_results(variable.value)):
+      state[f'{kind}/{variable.path}/replica_{replica}'] = np.asarray(value.numpy())
+  return state
+
+
+def _fp16_skip(data_dir, out_dir):
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
+  config = conftest.tiny_config(data_dir, FP16_SKIP_OVERRIDE)
+  experiment = runner.Experiment(config, 'train', os.path.join(out_dir, 'model'),
+                                 strategy_lib.create_strategy(devices=['/cpu:0', '/cpu:1']),
+                                 log_fn=print)
+  assert experiment.strategy.num_replicas_in_sync == 2
+  trainer = experiment.trainer
+  for index, scale in enumerate([SAFE_SCALE, OVERFLOWING_SCALE, SAFE_SCALE]):
+    trainer.loss_scale.assign(scale)
+    trainer.train(tf.constant(1, tf.int32))
+    np.savez(os.path.join(out_dir, f'fp16_skip_{index}.npz'), **_training_state(experiment))
 
 
 def main(mode, data_dir, out_dir):
   from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
-  if mode == 'mirrored':
+  if mode == 'fp16_skip':
+    _fp16_skip(data_dir, out_dir)
+  elif mode == 'mirrored':
     config = conftest.tiny_config(data_dir, OVERRIDE.replace('STEPS', '1'))
     single = runner.Experiment(config, 'train', os.path.join(out_dir, 'one'),
                                tf.distribute.OneDeviceStrategy('/cpu:0'), log_fn=print)
@@ -65,7 +118,7 @@ def main(mode, data_dir, out_dir):
 
 
 if __name__ == '__main__':
-  if sys.argv[1] == 'mirrored':
+  if sys.argv[1] in ('mirrored', 'fp16_skip'):
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from deeplab2_kmax import common
 from deeplab2_kmax.trainer import runner
-from deeplab2_kmax.trainer import trainer as trainer_lib
+from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 
 _SEED = tf.constant([3, 0], tf.int32)
 # Relative distance ||g - g_fp32|| / ||g_fp32|| allowed per mode, about twice (XLA: four times)
@@ -123,7 +123,7 @@ def test_float16_loss_scale_unscales_gradients_and_skips_overflowing_steps(tiny,
   experiment = _experiment(tiny, tmp_path, 'mixed_float16')
   trainer = experiment.trainer
   batch = _first_batch(experiment)
-  assert trainer.loss_scale.numpy() == trainer_lib.INITIAL_LOSS_SCALE
+  assert trainer.loss_scale.numpy() == loss_scale_lib.INITIAL_LOSS_SCALE
   # Unscaling: the gradients at scale 2^12 equal those at scale 1 (not 2^12 times them) up to
   # float16 rounding; measured distance 0.0.
   trainer.loss_scale.assign(1.0)
