@@ -123,7 +123,9 @@ def prepare_mask_targets(semantic_gt: tf.Tensor, thing_id_mask_gt: tf.Tensor,
   mask_class = tf.where(mask_class_index >= 0, mask_class, -1)
   mask_non_void = tf.cast(mask_class_index >= 0, tf.float32)
 
-  pixel_mask_area = tf.einsum('bpk,bk->bp', pixel_mask_one_hot, mask_area)
+  # Pixels in no mask (index K) read the appended 0.
+  pixel_mask_area = tf.gather(tf.pad(mask_area, [[0, 0], [0, 1]]), pixel_mask_index,
+                              batch_dims=1)
   inverse_pixel_mask_area = float(num_pixels) / tf.maximum(pixel_mask_area, 1.0)
   return MaskTargets(pixel_mask_one_hot=pixel_mask_one_hot, pixel_mask_index=pixel_mask_index,
                      pixel_non_void=pixel_non_void,
