@@ -64,6 +64,7 @@ from deeplab2_kmax.data import pipeline
 from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.model import builder
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
 from deeplab2_kmax.protos import dataset_pb2
 from deeplab2_kmax.trainer import checkpoints
@@ -386,7 +387,9 @@ def export(module: ServingModule, output_path: str, version: int = 1,
   directory = os.path.join(output_path, str(version))
   if tf.io.gfile.exists(directory):
     tf.io.gfile.rmtree(directory)
-  tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
+  # Traced without XLA functions: TF Serving's XLA:CPU JIT is off by default.
+  with inference_fusion.disabled():
+    tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
   # The label space (class names, colours, divisor) for clients such as deeplab2_kmax.predict;
   # TF Serving ignores assets.extra.
   tf.io.gfile.makedirs(os.path.join(directory, ASSETS_EXTRA))

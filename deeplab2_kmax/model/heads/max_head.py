@@ -22,6 +22,7 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax.model.heads import conv_head
 from deeplab2_kmax.model.layers import convolutions
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 
 VOID_PRIOR_PROB = 0.9
@@ -93,8 +94,14 @@ class MaXHead(normalization.NormLayerSerializable, keras.layers.Layer):
   def call(self, features, training=None):
     pixel_feature = self._pixel_space_head(features[common.ENDPOINT_FEATURE_PANOPTIC],
                                            training=training)
-    pixel_feature = self._pixel_space_feature_batch_norm(pixel_feature, training=training)
-    normalized = tf.math.l2_normalize(tf.cast(pixel_feature, tf.float32), axis=-1)
+    fused = (inference_fusion.is_active(training) and self._pixel_space_mask_batch_norm.built
+             and self._pixel_space_feature_batch_norm.built)
+    if fused:
+      normalized = inference_fusion.affine_l2_normalize(
+          pixel_feature, *self._pixel_space_feature_batch_norm.inference_scale_offset())
+    else:
+      pixel_feature = self._pixel_space_feature_batch_norm(pixel_feature, training=training)
+      normalized = tf.math.l2_normalize(tf.cast(pixel_feature, tf.float32), axis=-1)
 
     class_logits = self._transformer_class_head(features[common.ENDPOINT_TRANSFORMER_CLASS_FEATURE])
     class_logits = tf.cast(class_logits, tf.float32) + self._void_bias
@@ -103,8 +110,13 @@ class MaXHead(normalization.NormLayerSerializable, keras.layers.Layer):
                                               training=training)
     mask_logits = tf.einsum('bhwd,bid->bhwi', tf.cast(normalized, mask_kernel.dtype),
                             mask_kernel)
-    mask_logits = self._pixel_space_mask_batch_norm(mask_logits[..., None], training=training)
-    mask_logits = tf.cast(mask_logits[..., 0], tf.float32)
+    if fused:
+      # The BN has one channel: its affine broadcasts over the logits.
+      mask_logits = inference_fusion.affine_to_float32(
+          mask_logits, *self._pixel_space_mask_batch_norm.inference_scale_offset())
+    else:
+      mask_logits = self._pixel_space_mask_batch_norm(mask_logits[..., None], training=training)
+      mask_logits = tf.cast(mask_logits[..., 0], tf.float32)
     return {
         common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE: normalized,
         common.PRED_PIXEL_SPACE_MASK_LOGITS: mask_logits,

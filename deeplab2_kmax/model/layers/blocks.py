@@ -11,6 +11,7 @@ from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import axial_attention
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 
 
@@ -79,7 +80,7 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
           use_bn=True, norm_layer=self.norm_layer, activation=None, dtype=self.dtype_policy)
 
   def call(self, inputs, training=None, drop_path_mask=None):
-    x = self._activation_fn(inputs)
+    x = inference_fusion.activation(inputs, self.activation, training, self._activation_fn)
     shortcut = x
     if self._shortcut is not None:
       shortcut = self._shortcut(shortcut, training=training)
@@ -90,13 +91,16 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
       if self._attention is None:
         y = self._conv2_bn_act(y, training=training)
       else:
-        y = self._activation_fn(self._attention(y, training=training))
-      y = self._conv3_bn(y, training=training)
+        y = inference_fusion.activation(self._attention(y, training=training), self.activation,
+                                        training, self._activation_fn)
+      last_conv = self._conv3_bn
     else:
-      y = self._conv2_bn(self._conv1_bn_act(x, training=training), training=training)
+      y = self._conv1_bn_act(x, training=training)
+      last_conv = self._conv2_bn
     if drop_path_mask is not None:
-      y = y * drop_path_mask
-    return y + shortcut
+      return last_conv(y, training=training) * drop_path_mask + shortcut
+    # The shortcut joins inside the last convolution's BN (one fused step at inference).
+    return last_conv(y, training=training, residual=shortcut)
 
   def get_config(self):
     config = super().get_config()

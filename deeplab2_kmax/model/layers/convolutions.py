@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 
 
@@ -77,14 +78,64 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     # explicit build() stops Keras from tracing call() symbolically just to build.
     del input_shape
 
-  def call(self, inputs, training=None):
+  def _convolve(self, x, training, kernel=None):
+    """The convolution (+ bias); `kernel` replaces the layer's kernel (float32, any scale)."""
+    native_dilation = self.atrous_rate > 1 and self.strides == 1 and not training
+    if kernel is None and not (native_dilation and self._conv.built):
+      return self._conv(x)
+    # Keras convolves a dilated kernel through tf.nn.convolution's space-to-batch rewrite,
+    # which at the ASPP's rates (6, 12, 18 on a 21 x 21 map) computes mostly padding and is
+    # 2-10x slower than TF's own dilated Conv2D. That kernel's gradient exists only with
+    # oneDNN or on GPU, so training keeps Keras' path.
+    kernel = self._conv.kernel if kernel is None else kernel
+    x = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=self.strides,
+                     padding='SAME' if self.strides == 1 else 'VALID',
+                     dilations=self.atrous_rate)
+    if self.use_bias:
+      x = tf.nn.bias_add(x, tf.cast(self._conv.bias, x.dtype))
+    return x
+
+  def _fold_into_kernel(self, x):
+    """Whether inference applies the BN to the kernel instead of the output.
+
+    Scaling the kernel costs a float32 pass over k * k * in * out weights on every call;
+    normalising the output costs a pass over the output. So fold where the kernel is less
+    than half the output. The convolution then ends in a bias (and ReLU), which Grappler fuses
+    into it; float32 needs no folding (Grappler fuses a float32 BN itself, not a bfloat16
+    one), and a GELU is fused with the BN by inference_fusion instead. Only ReLU convolutions
+    fold: Grappler's remapper (TF 2.20) fails on a whole graph, dropping every fusion in it,
+    when a folded convolution without activation feeds a residual Add with several consumers.
+    """
+    if x.dtype == tf.float32 or self.activation != 'relu':
+      return False
+    batch, height, width, channels = x.shape
+    if None in (batch, height, width, channels):
+      return False
+    outputs = batch * (height // self.strides) * (width // self.strides) * self.output_channels
+    return 2 * self.kernel_size ** 2 * channels * self.output_channels < outputs
+
+  def call(self, inputs, training=None, residual=None):
+    """Convolution, BN, `+ residual` (a tensor of the output's shape, if given), activation."""
     x = inputs
     if self._padding is not None and self._padding != (0, 0):
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
-    x = self._conv(x)
+    if self._batch_norm is not None and not training and self._batch_norm.built and (
+        self._conv.built):
+      scale, offset = self._batch_norm.inference_scale_offset()
+      if residual is None and self._fold_into_kernel(x):
+        y = self._convolve(x, training, kernel=self._conv.kernel * scale)
+        return self._activation_fn(tf.nn.bias_add(y, tf.cast(offset, y.dtype)))
+      if residual is None and inference_fusion.is_fusable(self.activation, training):
+        return inference_fusion.affine_gelu(self._convolve(x, training), scale, offset)
+      if residual is not None and self._activation_fn is activations.get_activation(None) and (
+          inference_fusion.is_active(training)):
+        return inference_fusion.affine_add(self._convolve(x, training), scale, offset, residual)
+    x = self._convolve(x, training)
     if self._batch_norm is not None:
       x = self._batch_norm(x, training=training)
+    if residual is not None:
+      x = x + residual
     return self._activation_fn(x)
 
   def get_config(self):
@@ -133,8 +184,9 @@ class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Laye
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
     x = self._depthwise_conv(x)
-    x = self._batch_norm(x, training=training)
-    return self._activation_fn(x)
+    if self._batch_norm.built and inference_fusion.is_fusable(self.activation, training):
+      return inference_fusion.affine_gelu(x, *self._batch_norm.inference_scale_offset())
+    return self._activation_fn(self._batch_norm(x, training=training))
 
   def get_config(self):
     config = super().get_config()
@@ -268,9 +320,11 @@ class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
 
   def call(self, inputs, training=None):
     x = self._conv(inputs)
-    if self._batch_norm is not None:
-      x = self._batch_norm(x, training=training)
-    return self._activation_fn(x)
+    if self._batch_norm is None:
+      return self._activation_fn(x)
+    if self._batch_norm.built and inference_fusion.is_fusable(self.activation, training):
+      return inference_fusion.affine_gelu(x, *self._batch_norm.inference_scale_offset())
+    return self._activation_fn(self._batch_norm(x, training=training))
 
   def get_config(self):
     config = super().get_config()

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import convolutions
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resize
 
@@ -60,7 +61,9 @@ class ResizedFuse(normalization.NormLayerSerializable, keras.layers.Layer):
     for index, feature in enumerate(inputs):
       if index in self._conv_index:
         attribute, strided = self._conv_index[index]
-        feature = getattr(self, attribute)(self._activation_fn(feature), training=training)
+        feature = inference_fusion.activation(feature, self.activation, training,
+                                              self._activation_fn)
+        feature = getattr(self, attribute)(feature, training=training)
         if not strided:
           feature = resize.resize_align_corners(feature, size)
       else:

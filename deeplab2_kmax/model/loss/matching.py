@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from deeplab2_kmax.model.layers import segment_sum
 from deeplab2_kmax.model.loss import hungarian
 from deeplab2_kmax.model.loss import targets as targets_lib
 
@@ -174,11 +175,5 @@ def sum_per_mask(values: tf.Tensor, targets: targets_lib.MaskTargets) -> tf.Tens
   the one-hot masks costs O(P K).
   """
   num_masks = targets.pixel_mask_one_hot.shape[-1]
-  batch = tf.shape(values)[0]
-  trailing = values.shape[2:]
-  # One segment per (image, mask) plus a discarded one per image for pixels in no mask.
-  segments = targets.pixel_mask_index + (num_masks + 1) * tf.range(batch)[:, None]
-  sums = tf.math.unsorted_segment_sum(
-      tf.reshape(values, [-1] + trailing.as_list()), tf.reshape(segments, [-1]),
-      batch * (num_masks + 1))
-  return tf.reshape(sums, [batch, num_masks + 1] + trailing.as_list())[:, :num_masks]
+  # Pixels in no mask carry index num_masks, outside the segments, and are dropped.
+  return segment_sum.batched_segment_sum(values, targets.pixel_mask_index, num_masks)

@@ -24,7 +24,9 @@ from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import attention_operation
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import segment_sum
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
@@ -111,7 +113,8 @@ class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Lay
 
     pixels = tf.reshape(pixel_input, [-1, height * width, pixel_channels])
     memory = self._memory_conv1_bn_act(centers, training=training)
-    pixels = self._pixel_conv1_bn_act(self._activation_fn(pixels), training=training)
+    pixels = inference_fusion.activation(pixels, self.activation, training, self._activation_fn)
+    pixels = self._pixel_conv1_bn_act(pixels, training=training)
     qkv = self._memory_qkv_conv_bn(memory, training=training)
     query, key, value = tf.split(
         qkv, [self.key_channels, self.key_channels, self.value_channels], axis=-1)
@@ -126,11 +129,14 @@ class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Lay
         common.ENDPOINT_TRANSFORMER_CLASS_FEATURE: memory,
         common.ENDPOINT_TRANSFORMER_MASK_FEATURE: memory,
     }, training=training)
-    assignment = tf.argmax(auxiliary[common.PRED_PIXEL_SPACE_MASK_LOGITS], axis=-1)
-    assignment = tf.stop_gradient(tf.one_hot(tf.reshape(assignment, [-1, height * width]),
-                                             num_centers, dtype=tf.float32))
+    assignment = tf.argmax(auxiliary[common.PRED_PIXEL_SPACE_MASK_LOGITS], axis=-1,
+                           output_type=tf.int32)
     # k-means update: sum (not mean) of the assigned pixel values, accumulated in float32.
-    kmeans = tf.einsum('blm,bld->bmd', assignment, tf.cast(pixel_value, tf.float32))
+    # DeepLab2 multiplies by the one-hot assignment (P x K x D multiply-adds); a segment sum
+    # over the cluster indices adds the same values in P x D.
+    kmeans = segment_sum.batched_segment_sum(
+        tf.cast(pixel_value, tf.float32), tf.reshape(assignment, [-1, height * width]),
+        num_centers)
     kmeans = self._kmeans_memory_batch_norm_retrieved_value(kmeans, training=training)
     kmeans = self._kmeans_memory_conv3_bn(kmeans, training=training)
     if masks[0] is not None:
