@@ -229,3 +229,16 @@ def test_include_raw_outputs_adds_the_model_outputs_at_the_crop(exported):
   assert got[common.PRED_PIXEL_SPACE_MASK_LOGITS].shape[-1] == num_slots
   want = _run(exported, 'serving_default', images=images)
   np.testing.assert_array_equal(got[common.PRED_PANOPTIC], want[common.PRED_PANOPTIC])
+
+
+def test_saved_model_has_no_xla_functions(exported):
+  # TF Serving's XLA:CPU JIT is off by default: export traces the model without the inference
+  # fusion's XLA functions (its dynamic image size would otherwise select them).
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  saved = saved_model_pb2.SavedModel()
+  saved.ParseFromString((exported.directory / 'saved_model.pb').read_bytes())
+  functions = [f for meta in saved.meta_graphs for f in meta.graph_def.library.function]
+  assert functions
+  compiled = [f.signature.name for f in functions
+              if '_XlaMustCompile' in f.attr and f.attr['_XlaMustCompile'].b]
+  assert not compiled

@@ -23,9 +23,13 @@ def test_summary_of_coco_r50_at_641(coco_r50_model):
   kmeans_one_hot = 2 * (21 ** 2 + 41 ** 2 + 81 ** 2) * 128 * 256
   assert result['macs'] == (92_377_227_296 - aspp_padding - pixel_decoder_padding
                             - kmeans_one_hot) == 86_463_819_808
+  # At os16 the axial attention's qkv projections fold their BN into the kernel and run as
+  # MatMul: 5 blocks x 2 axes x 41 x 41 pixels x 512 -> 1024 channels.
+  qkv_matmuls = 5 * 2 * 41 * 41 * 512 * 1024
   assert result['macs_by_op_type'] == {
       'Conv2D': 78_414_748_352 - aspp_padding - pixel_decoder_padding,
-      'Einsum': 13_280_428_544 - kmeans_one_hot, 'DepthwiseConv2dNative': 682_050_400}
+      'Einsum': 13_280_428_544 - kmeans_one_hot - qkv_matmuls, 'MatMul': qkv_matmuls,
+      'DepthwiseConv2dNative': 682_050_400}
   assert result['macs_by_component']['encoder'] == 35_172_500_672
   assert result['macs_by_component']['pixel_decoder'] == 28_250_886_656 - pixel_decoder_padding
   assert result['macs_by_component']['transformer_decoder'] == 8_010_294_784 - kmeans_one_hot

@@ -121,8 +121,7 @@ class AxialAttention(normalization.NormLayerSerializable, keras.layers.Layer):
   def call(self, inputs, training=None):
     length = inputs.shape[1]
     heads = self.num_heads
-    qkv = tf.einsum('nlc,cd->nld', inputs, self.qkv_kernel)
-    qkv = self._batch_norm_qkv(qkv, training=training)
+    qkv = self._project_qkv(inputs, training)
     query, key, value = tf.split(
         qkv, [self.total_key_depth, self.total_key_depth, self.total_value_depth], axis=-1)
     query = tf.transpose(tf.reshape(query, [-1, length, heads, self._key_depth_per_head]),
@@ -142,6 +141,23 @@ class AxialAttention(normalization.NormLayerSerializable, keras.layers.Layer):
       retrieved = self._attend_folded(query, key, value, query_rpe, key_rpe, value_rpe)
     retrieved = tf.transpose(retrieved, [0, 2, 1, 3])
     return tf.reshape(retrieved, [-1, length, self.total_value_depth])
+
+  def _project_qkv(self, inputs, training):
+    """[batch, length, channels] -> BN'd [batch, length, 2 * key depth + value depth]."""
+    length, channels = inputs.shape[1], inputs.shape[2]
+    batch = inputs.shape[0]
+    outputs = None if batch is None else batch * length * self.qkv_kernel.shape[1]
+    if (training or not self._batch_norm_qkv.built or outputs is None
+        or 2 * self.qkv_kernel.shape[0] * self.qkv_kernel.shape[1] >= outputs):
+      qkv = tf.einsum('nlc,cd->nld', inputs, self.qkv_kernel)
+      return self._batch_norm_qkv(qkv, training=training)
+    # Inference on a long enough input: the BN scales the kernel's columns (cheaper than a
+    # pass over the output) and its offset becomes a bias, fused into the matmul by Grappler.
+    scale, offset = self._batch_norm_qkv.inference_scale_offset()
+    kernel = tf.cast(self.qkv_kernel * scale, inputs.dtype)
+    qkv = tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [-1, channels]), kernel),
+                         tf.cast(offset, inputs.dtype))
+    return tf.reshape(qkv, [-1, length, kernel.shape[1]])
 
   def _attend_with_batch_statistics(self, query, key, value, query_rpe, key_rpe, value_rpe):
     """Training: DeepLab2's stacked terms, each BN'd with batch statistics per (term, head)."""

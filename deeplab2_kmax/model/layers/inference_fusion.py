@@ -87,6 +87,7 @@ _XLA = {function: tf.function(function, jit_compile=True) for function in (
 
 
 def _run(function, x, *args):
+  x = tf.convert_to_tensor(x)
   size = x.shape.num_elements()
   if size is not None and size < _MIN_XLA_ELEMENTS:
     return function(x, *args)
