@@ -233,3 +233,15 @@ def test_gelu_under_bfloat16_matches_float32():
   assert y.dtype == tf.bfloat16
   np.testing.assert_allclose(tf.cast(y, tf.float32), tf.nn.gelu(x, approximate=False),
                              rtol=1e-2, atol=1e-2)
+
+
+def test_batched_segment_sum_equals_one_hot_product_and_drops_outside_ids():
+  from deeplab2_kmax.model.layers import segment_sum  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(5)
+  values = rng.normal(size=(3, 40, 2, 5)).astype(np.float32)
+  ids = rng.randint(-1, 7, size=(3, 40)).astype(np.int32)  # -1 and 6 fall outside K = 6.
+  one_hot = (ids[..., None] == np.arange(6)).astype(np.float32)
+  expected = np.einsum('bpk,bpij->bkij', one_hot, values)
+  got = segment_sum.batched_segment_sum(tf.constant(values), tf.constant(ids), 6)
+  assert got.shape == (3, 6, 2, 5)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

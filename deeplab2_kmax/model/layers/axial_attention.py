@@ -153,6 +153,7 @@ class AxialAttention(normalization.NormLayerSerializable, keras.layers.Layer):
       return self._batch_norm_qkv(qkv, training=training)
     # Inference on a long enough input: the BN scales the kernel's columns (cheaper than a
     # pass over the output) and its offset becomes a bias, fused into the matmul by Grappler.
+    # Under mixed precision the kernel is read in bfloat16, so it is rounded once more.
     scale, offset = self._batch_norm_qkv.inference_scale_offset()
     kernel = tf.cast(self.qkv_kernel * scale, inputs.dtype)
     qkv = tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [-1, channels]), kernel),

@@ -79,7 +79,7 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     del input_shape
 
   def _convolve(self, x, training, kernel=None):
-    """The convolution (+ bias); `kernel` replaces the layer's kernel (float32, any scale)."""
+    """The convolution (+ bias); `kernel` (any float dtype) replaces the layer's kernel."""
     native_dilation = self.atrous_rate > 1 and self.strides == 1 and not training
     if kernel is None and not (native_dilation and self._conv.built):
       return self._conv(x)
@@ -105,6 +105,8 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     one), and a GELU is fused with the BN by inference_fusion instead. Only ReLU convolutions
     fold: Grappler's remapper (TF 2.20) fails on a whole graph, dropping every fusion in it,
     when a folded convolution without activation feeds a residual Add with several consumers.
+    Under mixed precision Keras reads the kernel already rounded to bfloat16, so the folded
+    kernel is rounded once more (relative 2^-9 per weight).
     """
     if x.dtype == tf.float32 or self.activation != 'relu':
       return False
