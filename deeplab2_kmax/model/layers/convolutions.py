@@ -122,22 +122,23 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     if self._padding is not None and self._padding != (0, 0):
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
-    if self._batch_norm is not None and not training and self._batch_norm.built and (
-        self._conv.built):
-      scale, offset = self._batch_norm.inference_scale_offset()
-      if residual is None and self._fold_into_kernel(x):
-        y = self._convolve(x, training, kernel=self._conv.kernel * scale)
-        return self._activation_fn(tf.nn.bias_add(y, tf.cast(offset, y.dtype)))
-      if residual is None and inference_fusion.is_fusable(self.activation, training):
-        return inference_fusion.affine_gelu(self._convolve(x, training), scale, offset)
-      if residual is not None and self._activation_fn is activations.get_activation(None) and (
-          inference_fusion.is_active(training)):
-        return inference_fusion.affine_add(self._convolve(x, training), scale, offset, residual)
+    batch_norm = self._batch_norm
+    if (batch_norm is not None and not training and batch_norm.built and self._conv.built
+        and residual is None and self._fold_into_kernel(x)):
+      scale, offset = batch_norm.inference_scale_offset()
+      y = self._convolve(x, training, kernel=self._conv.kernel * scale)
+      return self._activation_fn(tf.nn.bias_add(y, tf.cast(offset, y.dtype)))
     x = self._convolve(x, training)
-    if self._batch_norm is not None:
-      x = self._batch_norm(x, training=training)
-    if residual is not None:
-      x = x + residual
+    if batch_norm is None:
+      x = x if residual is None else x + residual
+    elif residual is None:
+      return inference_fusion.normalize_and_activate(x, batch_norm, self.activation,
+                                                     self._activation_fn, training)
+    elif (batch_norm.built and inference_fusion.is_active(training)
+          and self._activation_fn is activations.get_activation(None)):
+      return inference_fusion.affine_add(x, *batch_norm.inference_scale_offset(), residual)
+    else:
+      x = batch_norm(x, training=training) + residual
     return self._activation_fn(x)
 
   def get_config(self):
@@ -185,10 +186,9 @@ class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Laye
     if self._padding is not None:
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
-    x = self._depthwise_conv(x)
-    if self._batch_norm.built and inference_fusion.is_fusable(self.activation, training):
-      return inference_fusion.affine_gelu(x, *self._batch_norm.inference_scale_offset())
-    return self._activation_fn(self._batch_norm(x, training=training))
+    return inference_fusion.normalize_and_activate(
+        self._depthwise_conv(x), self._batch_norm, self.activation, self._activation_fn,
+        training)
 
   def get_config(self):
     config = super().get_config()
@@ -324,9 +324,8 @@ class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
     x = self._conv(inputs)
     if self._batch_norm is None:
       return self._activation_fn(x)
-    if self._batch_norm.built and inference_fusion.is_fusable(self.activation, training):
-      return inference_fusion.affine_gelu(x, *self._batch_norm.inference_scale_offset())
-    return self._activation_fn(self._batch_norm(x, training=training))
+    return inference_fusion.normalize_and_activate(x, self._batch_norm, self.activation,
+                                                   self._activation_fn, training)
 
   def get_config(self):
     config = super().get_config()

@@ -113,6 +113,13 @@ def gelu(x):
   return _run(_gelu, x)
 
 
+def normalize_and_activate(x, batch_norm, activation_name, activation_fn, training):
+  """activation_fn(batch_norm(x)), as one fused step for a BN + exact GELU at inference."""
+  if batch_norm.built and is_fusable(activation_name, training):
+    return affine_gelu(x, *batch_norm.inference_scale_offset())
+  return activation_fn(batch_norm(x, training=training))
+
+
 def activation(x, name, training, fallback):
   """`name`(x), fused when `is_fusable(name, training)`; else fallback(x)."""
   if is_fusable(name, training):
