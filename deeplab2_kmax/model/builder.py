@@ -14,12 +14,14 @@ from deeplab2_kmax import common
 from deeplab2_kmax.config import validation
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.model import kmax_deeplab
+from deeplab2_kmax.model import max_deeplab
 from deeplab2_kmax.model.heads import conv_head
 from deeplab2_kmax.model.heads import max_head
 from deeplab2_kmax.model.heads import semantic
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
 from deeplab2_kmax.model.pixel_encoder import convnext
+from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
 from deeplab2_kmax.model.pixel_encoder import resnet
 from deeplab2_kmax.model.transformer_decoder import cmt as cmt_transformer_decoder
 from deeplab2_kmax.model.transformer_decoder import kmax as kmax_transformer_decoder
@@ -59,6 +61,38 @@ def build_encoder(backbone_options, norm_layer, dtype=None):
   raise ValueError(f'Unsupported kMaX pixel encoder "{backbone_options.name}".')
 
 
+# MaX-DeepLab's default number of memory rows (DeepLab2's max_num_mask_slots).
+DEFAULT_MAX_NUM_MASK_SLOTS = 128
+
+
+def dual_path_arguments(model_options):
+  """DualPathResNet kwargs: the backbone's preset, overridden by the set DualPathOptions."""
+  name = validation.backbone_name(model_options.backbone.name)
+  if name not in dual_path_resnet.PRESETS:
+    raise ValueError(f'model_options.backbone.name is "{model_options.backbone.name}"; '
+                     f'max_deeplab {{ }} needs one of {sorted(dual_path_resnet.PRESETS)}.')
+  options = model_options.max_deeplab
+  arguments = dict(dual_path_resnet.PRESETS[name])
+  for field in options.dual_path.DESCRIPTOR.fields:
+    if field.is_repeated:
+      if getattr(options.dual_path, field.name):
+        arguments[field.name] = list(getattr(options.dual_path, field.name))
+    elif options.dual_path.HasField(field.name):
+      arguments[field.name] = getattr(options.dual_path, field.name)
+  max_slots = (options.max_num_mask_slots if options.HasField('max_num_mask_slots')
+               else max(DEFAULT_MAX_NUM_MASK_SLOTS, options.num_mask_slots))
+  backbone = model_options.backbone
+  arguments.update(
+      num_mask_slots=options.num_mask_slots, max_num_mask_slots=max_slots,
+      output_stride=backbone.output_stride,
+      backbone_layer_multiplier=backbone.backbone_layer_multiplier,
+      width_multiplier=backbone.backbone_width_multiplier,
+      stem_width_multiplier=backbone.stem_width_multiplier,
+      drop_path_keep_prob=backbone.drop_path_keep_prob,
+      drop_path_schedule=backbone.drop_path_schedule)
+  return arguments
+
+
 def build_pixel_decoder(kmax_options, norm_layer, dtype=None):
   decoder_options = kmax_options.pixel_decoder
   dims, num_blocks, block_types = kmax_pixel_decoder.default_options(
@@ -74,11 +108,11 @@ def build_pixel_decoder(kmax_options, norm_layer, dtype=None):
       activation=ACTIVATION, norm_layer=norm_layer, name='pixel_decoder', dtype=dtype)
 
 
-def _max_head_args(kmax_options, num_classes):
-  return dict(pixel_head_channels=kmax_options.pixel_space_head.head_channels,
-              embedding_channels=kmax_options.pixel_space_head.output_channels,
+def _max_head_args(meta_options, num_classes):
+  return dict(pixel_head_channels=meta_options.pixel_space_head.head_channels,
+              embedding_channels=meta_options.pixel_space_head.output_channels,
               num_classes=num_classes,
-              head_conv_type=kmax_options.pixel_space_head.head_conv_type)
+              head_conv_type=meta_options.pixel_space_head.head_conv_type)
 
 
 def build_transformer_decoder(kmax_options, num_classes, norm_layer, dtype=None):
@@ -120,11 +154,35 @@ def default_crop(experiment_options):
   return (641, 641)
 
 
+def _semantic_branch(model_options, meta_options, semantic_channels, use_decoder, activation,
+                     norm_layer, policy):
+  """(semantic decoder or None, semantic head) of the auxiliary semantic branch."""
+  head = meta_options.auxiliary_semantic_head
+  semantic_head = conv_head.ConvHead(head.head_channels, semantic_channels,
+                                     conv_type=head.head_conv_type, activation=activation,
+                                     norm_layer=norm_layer, name='semantic_head', dtype=policy)
+  if not use_decoder:
+    return None, semantic_head
+  decoder = model_options.decoder
+  semantic_decoder = semantic.SemanticDecoder(
+      high_level_feature_key=decoder.feature_key,
+      low_level_feature_keys=[x.feature_key for x in meta_options.auxiliary_low_level],
+      low_level_channels_project=[x.channels_project for x in meta_options.auxiliary_low_level],
+      aspp_channels=decoder.aspp_channels,
+      atrous_rates=list(decoder.atrous_rates) or [6, 12, 18],
+      aspp_use_only_1x1_proj_conv=decoder.aspp_use_only_1x1_proj_conv,
+      decoder_channels=decoder.decoder_channels,
+      decoder_conv_type=decoder.decoder_conv_type, activation=activation,
+      norm_layer=norm_layer, name='semantic_decoder', dtype=policy)
+  return semantic_decoder, semantic_head
+
+
 def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None, build=True):
-  """Returns a built KMaXDeepLab model for the experiment's `kmax` or `cmt` meta-architecture.
+  """Returns a built model for the experiment's `kmax`, `cmt` or `max_deeplab` meta-architecture.
 
   CMT-DeepLab is kMaX's meta-architecture with the CMT transformer decoder (the model is named
-  `cmt_deeplab`); both give the same output keys.
+  `cmt_deeplab`); MaX-DeepLab (`max_deeplab`) is the dual-path network with the MaX head. All
+  give the same output keys (MaX-DeepLab without auxiliary outputs).
 
   Args:
     experiment_options: config_pb2.ExperimentOptions.
@@ -136,49 +194,47 @@ def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None,
   """
   model_options = experiment_options.model_options
   meta = model_options.WhichOneof('meta_architecture')
-  if meta not in (common.META_KMAX, common.META_CMT):
-    raise ValueError(f'build_model builds the "{common.META_KMAX}" and "{common.META_CMT}" '
-                     f'meta-architectures, not "{meta}" (model_options).')
-  kmax_options = getattr(model_options, meta)
+  if meta not in (common.META_KMAX, common.META_CMT, common.META_MAX_DEEPLAB):
+    raise ValueError('model_options needs one of kmax { }, cmt { } or max_deeplab { }; '
+                     f'it has "{meta}".')
+  meta_options = getattr(model_options, meta)
   descriptor = descriptor or dataset_descriptor(experiment_options)
   if dtype is None:
     dtype = experiment_options.trainer_options.mixed_precision_policy or 'float32'
   policy = keras.dtype_policies.get(dtype)
   norm_layer = norm_layer_from_solver(experiment_options.trainer_options.solver_options)
 
-  semantic_channels = (kmax_options.auxiliary_semantic_head.output_channels
+  semantic_channels = (meta_options.auxiliary_semantic_head.output_channels
                        or descriptor.num_classes)
   num_classes = max_head.transformer_class_head_num_classes(semantic_channels,
                                                             descriptor.ignore_label)
-  encoder = build_encoder(model_options.backbone, norm_layer, dtype=policy)
-  pixel_decoder = build_pixel_decoder(kmax_options, norm_layer, dtype=policy)
-  transformer_decoder = build_transformer_decoder(kmax_options, num_classes, norm_layer,
-                                                  dtype=policy)
-  predictor = max_head.MaXHead(activation=ACTIVATION, norm_layer=norm_layer, name='predictor',
-                               dtype=policy, **_max_head_args(kmax_options, num_classes))
+  if meta == common.META_MAX_DEEPLAB:
+    arguments = dual_path_arguments(model_options)
+    activation = arguments['activation']
+    encoder = dual_path_resnet.DualPathResNet(norm_layer=norm_layer, name='encoder',
+                                              dtype=policy, **arguments)
+    use_decoder = True
+  else:
+    activation = ACTIVATION
+    encoder = build_encoder(model_options.backbone, norm_layer, dtype=policy)
+    pixel_decoder = build_pixel_decoder(meta_options, norm_layer, dtype=policy)
+    transformer_decoder = build_transformer_decoder(meta_options, num_classes, norm_layer,
+                                                    dtype=policy)
+    use_decoder = meta_options.use_auxiliary_semantic_decoder
+  predictor = max_head.MaXHead(activation=activation, norm_layer=norm_layer, name='predictor',
+                               dtype=policy, **_max_head_args(meta_options, num_classes))
   semantic_decoder = semantic_head = None
-  if kmax_options.use_auxiliary_semantic_head:
-    head = kmax_options.auxiliary_semantic_head
-    semantic_head = conv_head.ConvHead(head.head_channels, semantic_channels,
-                                       conv_type=head.head_conv_type, activation=ACTIVATION,
-                                       norm_layer=norm_layer, name='semantic_head',
-                                       dtype=policy)
-    if kmax_options.use_auxiliary_semantic_decoder:
-      decoder = model_options.decoder
-      semantic_decoder = semantic.SemanticDecoder(
-          high_level_feature_key=decoder.feature_key,
-          low_level_feature_keys=[x.feature_key for x in kmax_options.auxiliary_low_level],
-          low_level_channels_project=[
-              x.channels_project for x in kmax_options.auxiliary_low_level],
-          aspp_channels=decoder.aspp_channels,
-          atrous_rates=list(decoder.atrous_rates) or [6, 12, 18],
-          aspp_use_only_1x1_proj_conv=decoder.aspp_use_only_1x1_proj_conv,
-          decoder_channels=decoder.decoder_channels,
-          decoder_conv_type=decoder.decoder_conv_type, activation=ACTIVATION,
-          norm_layer=norm_layer, name='semantic_decoder', dtype=policy)
-  model = kmax_deeplab.KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
-                                   semantic_decoder, semantic_head, name=f'{meta}_deeplab',
-                                   dtype=policy)
+  if meta_options.use_auxiliary_semantic_head:
+    semantic_decoder, semantic_head = _semantic_branch(
+        model_options, meta_options, semantic_channels, use_decoder, activation, norm_layer,
+        policy)
+  if meta == common.META_MAX_DEEPLAB:
+    model = max_deeplab.MaXDeepLab(encoder, predictor, semantic_decoder, semantic_head,
+                                   name=f'{meta}', dtype=policy)
+  else:
+    model = kmax_deeplab.KMaXDeepLab(encoder, pixel_decoder, transformer_decoder, predictor,
+                                     semantic_decoder, semantic_head, name=f'{meta}_deeplab',
+                                     dtype=policy)
   if build:
     height, width = crop_size or default_crop(experiment_options)
     model(np.zeros([1, height, width, 3], np.float32), training=False)

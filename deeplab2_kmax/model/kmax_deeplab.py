@@ -56,8 +56,9 @@ class KMaXDeepLab(keras.Model):
     x = tf.cast(images, tf.float32) / 127.5 - 1.0
     x = tf.cast(x, self.compute_dtype)
     endpoints = self.encoder(x, training=training)
-    endpoints = self.pixel_decoder(endpoints, training=training)
-    endpoints = self.transformer_decoder(endpoints, training=training)
+    if self.pixel_decoder is not None:  # MaX-DeepLab's encoder decodes and has the memory
+      endpoints = self.pixel_decoder(endpoints, training=training)
+      endpoints = self.transformer_decoder(endpoints, training=training)
     results = dict(self.predictor(endpoints, training=training))
     if self.semantic_head is not None:
       semantic = endpoints[common.ENDPOINT_FEATURE_SEMANTIC]
@@ -69,7 +70,7 @@ class KMaXDeepLab(keras.Model):
     if training:
       size = results[common.PRED_PIXEL_SPACE_MASK_LOGITS].shape[1:3]
       auxiliary = []
-      for prediction in endpoints[common.PRED_AUXILIARY_OUTPUTS]:
+      for prediction in endpoints.get(common.PRED_AUXILIARY_OUTPUTS, ()):
         prediction = dict(prediction)
         for key in _DENSE_AUXILIARY_KEYS:
           if key in prediction:  # reference masks: CMT only
@@ -80,13 +81,13 @@ class KMaXDeepLab(keras.Model):
 
   def components(self):
     """Named sub-networks (DeepLab2's checkpoint items, grouped) for summaries."""
-    parts = {'encoder': self.encoder, 'pixel_decoder': self.pixel_decoder,
-             'transformer_decoder': self.transformer_decoder, 'predictor': self.predictor}
-    if self.semantic_decoder is not None:
-      parts['semantic_decoder'] = self.semantic_decoder
-    if self.semantic_head is not None:
-      parts['semantic_head'] = self.semantic_head
-    return parts
+    names = ('encoder', 'pixel_decoder', 'transformer_decoder', 'predictor',
+             'semantic_decoder', 'semantic_head')
+    return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+  def backbone_trainable_variables(self):
+    """The variables backbone_learning_rate_multiplier scales: kMaX's whole pixel encoder."""
+    return list(self.encoder.trainable_variables)
 
   def get_build_config(self):
     # Variables are created by the first call (their paths then nest under the model's name);

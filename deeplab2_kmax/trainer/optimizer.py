@@ -61,14 +61,15 @@ def make_optimizer(solver_options, learning_rate: Callable[[], tf.Tensor],
 def build_optimizers(solver_options, model, global_step: tf.Variable) -> list[OptimizerGroup]:
   """Builds (eagerly, so call inside strategy.scope()) one or two optimizer groups.
 
-  With backbone_learning_rate_multiplier != 1 the encoder's variables get their own
-  optimizer whose rates (and hence AdamW decay) are scaled by the multiplier.
+  With backbone_learning_rate_multiplier != 1 the backbone's variables
+  (model.backbone_trainable_variables(): kMaX's encoder; MaX-DeepLab's encoder less its
+  transformer, extra and memory variables) get their own optimizer whose rates (and hence AdamW decay) are scaled by the multiplier.
   """
   trainable = list(model.trainable_variables)
   multiplier = solver_options.backbone_learning_rate_multiplier
   groups = []
   if multiplier != 1.0:
-    backbone_ids = {id(v) for v in model.encoder.trainable_variables}
+    backbone_ids = {id(v) for v in model.backbone_trainable_variables()}
     parts = [('backbone', [v for v in trainable if id(v) in backbone_ids], multiplier),
              ('main', [v for v in trainable if id(v) not in backbone_ids], 1.0)]
   else:

@@ -58,6 +58,9 @@ class _Toy(keras.Model):
   def call(self, x):
     return self.head(self.norm(self.encoder(x))) + tf.reduce_sum(self.cluster_centers)
 
+  def backbone_trainable_variables(self):
+    return list(self.encoder.trainable_variables)
+
 
 def _solver(**kwargs):
   options = dict(optimizer='adamw', base_learning_rate=0.1, training_number_of_steps=1000,

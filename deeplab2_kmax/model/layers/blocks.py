@@ -30,10 +30,13 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
     activation: Activation name.
     norm_layer: Batch-norm factory.
     axial_query_shape: Largest length for global axial attention.
+    axial_key_expansion, axial_value_expansion: Axial attention's query/key and value
+      channels as multiples of filters_list[1] (the value channels are the attention's output).
   """
 
   def __init__(self, filters_list, strides=1, atrous_rate=1, attention_type=None,
-               activation='relu', norm_layer=None, axial_query_shape=129, **kwargs):
+               activation='relu', norm_layer=None, axial_query_shape=129,
+               axial_key_expansion=1.0, axial_value_expansion=2.0, **kwargs):
     super().__init__(**kwargs)
     self.filters_list = [int(f) for f in filters_list]
     self.strides = int(strides)
@@ -42,6 +45,8 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
     self.activation = activation
     self.norm_layer = norm_layer or normalization.make_norm_layer()
     self.axial_query_shape = int(axial_query_shape)
+    self.axial_key_expansion = float(axial_key_expansion)
+    self.axial_value_expansion = float(axial_value_expansion)
     self._activation_fn = activations.get_activation(activation)
     policy = self.dtype_policy
     conv_args = dict(use_bias=False, use_bn=True, norm_layer=self.norm_layer, dtype=policy)
@@ -55,7 +60,8 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
             atrous_rate=self.atrous_rate, activation=activation, **conv_args)
       elif attention_type == 'axial':
         self._attention = axial_attention.AxialAttention2D(
-            self.filters_list[1], strides=self.strides, query_shape=self.axial_query_shape,
+            self.filters_list[1], strides=self.strides, key_expansion=self.axial_key_expansion,
+            value_expansion=self.axial_value_expansion, query_shape=self.axial_query_shape,
             norm_layer=self.norm_layer, name='attention', dtype=policy)
       else:
         raise ValueError(f'Unsupported attention_type "{attention_type}".')
@@ -108,6 +114,8 @@ class ResidualBlock(normalization.NormLayerSerializable, keras.layers.Layer):
         'filters_list': self.filters_list, 'strides': self.strides,
         'atrous_rate': self.atrous_rate, 'attention_type': self.attention_type,
         'activation': self.activation, 'axial_query_shape': self.axial_query_shape,
+        'axial_key_expansion': self.axial_key_expansion,
+        'axial_value_expansion': self.axial_value_expansion,
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config

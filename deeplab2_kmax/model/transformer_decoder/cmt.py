@@ -44,6 +44,7 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import dual_path_transformer
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resize
 from deeplab2_kmax.model.transformer_decoder import kmax
@@ -211,21 +212,21 @@ class CMTTransformerLayer(kmax.KMaXTransformerLayer):
       clustering = clustering * masks[0]
 
     # Cross-attention over pixels and centers with one softmax (MaX's M2P + M2M).
-    key = tf.concat([self._split_heads(pixel_key), self._split_heads(memory_key)], axis=2)
-    value = tf.concat([pixel_value, memory_value], axis=1)
-    value = tf.reshape(value, [-1, height * width + num_centers, self.num_heads,
-                               self.value_channels // self.num_heads])
-    attended = self._memory_attention((self._split_heads(query), key, value), training=training)
+    key = tf.concat([dual_path_transformer.split_heads(pixel_key, self.num_heads),
+                     dual_path_transformer.split_heads(memory_key, self.num_heads)], axis=2)
+    value = dual_path_transformer.value_heads(tf.concat([pixel_value, memory_value], axis=1),
+                                              self.num_heads)
+    attended = self._memory_attention(
+        (dual_path_transformer.split_heads(query, self.num_heads), key, value),
+        training=training)
     attended = self._memory_conv3_bn(attended, training=training)
     if masks[1] is not None:
       attended = attended * masks[1]
     output = self._activation_fn(centers + tf.cast(clustering, centers.dtype) + attended)
 
-    ffn = self._memory_ffn_conv1_bn_act(output, training=training)
-    ffn = self._memory_ffn_conv2_bn(ffn, training=training)
-    if masks[2] is not None:
-      ffn = ffn * masks[2]
-    output = self._activation_fn(output + ffn)
+    output = dual_path_transformer.memory_feed_forward(
+        output, self._memory_ffn_conv1_bn_act, self._memory_ffn_conv2_bn, self._activation_fn,
+        masks[2], training=training)
 
     pixel_output = pixel_input
     if self.update_pixel_features:

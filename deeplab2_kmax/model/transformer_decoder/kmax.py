@@ -24,6 +24,7 @@ from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import attention_operation
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import dual_path_transformer
 from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import segment_sum
@@ -91,12 +92,6 @@ class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Lay
         activation=activation, norm_layer=self.norm_layer,
         name='auxiliary_clustering_predictor', dtype=policy, **self.auxiliary_head_args)
 
-  def _split_heads(self, x):
-    # [batch, length, heads * depth] -> [batch, heads, length, depth]
-    length = x.shape[1]
-    x = tf.reshape(x, [-1, length, self.num_heads, x.shape[-1] // self.num_heads])
-    return tf.transpose(x, [0, 2, 1, 3])
-
   def build(self, input_shape):
     # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
     # explicit build() stops Keras from tracing call() symbolically just to build.
@@ -118,9 +113,9 @@ class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Lay
     qkv = self._memory_qkv_conv_bn(memory, training=training)
     query, key, value = tf.split(
         qkv, [self.key_channels, self.key_channels, self.value_channels], axis=-1)
-    query, key = self._split_heads(query), self._split_heads(key)
-    value = tf.reshape(value, [-1, num_centers, self.num_heads,
-                               self.value_channels // self.num_heads])
+    query = dual_path_transformer.split_heads(query, self.num_heads)
+    key = dual_path_transformer.split_heads(key, self.num_heads)
+    value = dual_path_transformer.value_heads(value, self.num_heads)
     pixel_value = self._pixel_v_conv_bn(pixels, training=training)
 
     # k-means assignment: each pixel to its arg-max cluster (float32 argmax, no gradient).
@@ -149,11 +144,9 @@ class KMaXTransformerLayer(normalization.NormLayerSerializable, keras.layers.Lay
       attended = attended * masks[1]
     output = self._activation_fn(output + attended)
 
-    ffn = self._memory_ffn_conv1_bn_act(output, training=training)
-    ffn = self._memory_ffn_conv2_bn(ffn, training=training)
-    if masks[2] is not None:
-      ffn = ffn * masks[2]
-    output = self._activation_fn(output + ffn)
+    output = dual_path_transformer.memory_feed_forward(
+        output, self._memory_ffn_conv1_bn_act, self._memory_ffn_conv2_bn, self._activation_fn,
+        masks[2], training=training)
     return output, auxiliary
 
   def get_config(self):
