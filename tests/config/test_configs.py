@@ -370,7 +370,8 @@ def test_max_recipe_values(variant):
 
 def _dual_path_snippet(backbone: str) -> str:
   """A dual_path { } override spelling out the backbone's preset."""
-  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
   preset = dual_path_resnet.PRESETS[backbone]
   items = []
   for name, value in preset.items():
@@ -421,7 +422,8 @@ def test_max_recipe_is_the_s_641_400k_recipe_with_upstreams_differences(variant)
 def test_max_recipe_spells_out_its_backbones_dual_path_preset(relative_path):
   # Builds nothing: compares the network arguments the builder derives from the config.
   from deeplab2_kmax.model import builder  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
   config = load(relative_path)
   options = config.model_options
   dual_path = options.max_deeplab.dual_path

@@ -32,7 +32,8 @@ def test_recipe_is_valid():
 
 
 def test_backbone_names_match_the_presets():
-  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
   assert sorted(validation.MAX_DEEPLAB_BACKBONES) == sorted(dual_path_resnet.PRESETS)
   assert set(validation.MAX_DEEPLAB_BACKBONES) <= set(validation.SUPPORTED_BACKBONES)
 
