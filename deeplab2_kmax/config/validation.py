@@ -23,6 +23,12 @@ PRECISION_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
 RAW_PANOPTIC_FORMATS = ('two_channel_png', 'three_channel_png', 'two_channel_numpy_array')
 EXPORT_INPUT_TYPES = ('image_tensor', 'image_bytes', 'tf_example')
 PIXEL_DECODER_BLOCK_TYPES = ('axial', 'bottleneck')
+# Dual-path networks of max_deeplab { } (the keys of model/pixel_encoder/dual_path_resnet.PRESETS;
+# kmax and cmt cannot use them).
+MAX_DEEPLAB_BACKBONES = ('max_deeplab_s', 'max_deeplab_l')
+DUAL_PATH_ACTIVATIONS = ('relu', 'gelu')
+# Output stride of the dual-path network (max_deeplab uses 16).
+MAX_DEEPLAB_OUTPUT_STRIDE = 16
 # Largest stride of the encoders: crops must be k * 32 + 1 so every stride halves exactly.
 ENCODER_STRIDE = 32
 
@@ -224,6 +230,70 @@ def _check_clustering_decoder(c: _Checker, meta, field: str):
           f'{meta.transformer_decoder_drop_path_keep_prob:g} is not in (0, 1]')
 
 
+def _is_power_of_two(value: int) -> bool:
+  return value > 0 and value & (value - 1) == 0
+
+
+def _check_dual_path(c: _Checker, meta, field: str):
+  """Checks the max_deeplab fields the dual-path network would otherwise crash (or hang) on.
+
+  Only fields that are set are checked: unset ones take the backbone's preset.
+  """
+  if meta.HasField('max_num_mask_slots'):
+    if c.check(meta.max_num_mask_slots > 0, f'{field}.max_num_mask_slots',
+               f'is {meta.max_num_mask_slots}; it must be positive (or unset)'):
+      c.check(meta.num_mask_slots <= meta.max_num_mask_slots, f'{field}.num_mask_slots',
+              f'{meta.num_mask_slots} exceeds max_num_mask_slots ({meta.max_num_mask_slots}), '
+              'the rows of the memory variable; use at most max_num_mask_slots or raise it')
+  dual = meta.dual_path
+  field = f'{field}.dual_path'
+  if dual.num_blocks:
+    values = list(dual.num_blocks)
+    c.check(len(values) == 4 and all(v > 0 for v in values), f'{field}.num_blocks',
+            f'is {values}; give four positive block counts, one per stage (stride 4 to 32)')
+  for name in ('memory_channels', 'global_feed_forward_network_channels',
+               'transformer_ffn_channels', 'transformer_num_heads',
+               'backbone_decoder_blocks_per_stage', 'extra_decoder_blocks_per_stage',
+               'attention_bottleneck_expansion'):
+    if dual.HasField(name):
+      value = getattr(dual, name)
+      c.check(value > 0, f'{field}.{name}', f'is {value}; it must be positive')
+  for name in ('base_transformer_expansion', 'axial_key_expansion', 'axial_value_expansion',
+               'transformer_bottleneck_expansion', 'transformer_key_expansion',
+               'transformer_value_expansion'):
+    if dual.HasField(name):
+      value = getattr(dual, name)
+      c.check(value > 0 and math.isfinite(value), f'{field}.{name}',
+              f'is {value:g}; it must be positive')
+  for name in ('backbone_decoder_num_stacks', 'extra_decoder_num_stacks'):
+    if dual.HasField(name):
+      value = getattr(dual, name)
+      c.check(value >= 0, f'{field}.{name}', f'is {value}; it must be >= 0 (0 = no stack)')
+  for name, zero in (('backbone_use_transformer_beyond_stride', 'off'),
+                     ('extra_decoder_use_transformer_beyond_stride', 'off'),
+                     ('use_axial_beyond_stride', 'off'),
+                     ('drop_path_beyond_stride', 'every block')):
+    if dual.HasField(name):
+      value = getattr(dual, name)
+      c.check(value == 0 or _is_power_of_two(value), f'{field}.{name}',
+              f'is {value}; use a stride (a power of two such as 4, 16 or 32) or 0 ({zero})')
+  transformer_strides = ('backbone_use_transformer_beyond_stride',
+                         'extra_decoder_use_transformer_beyond_stride')
+  if all(dual.HasField(name) and getattr(dual, name) == 0 for name in transformer_strides):
+    c.check(False, f'{field}.backbone_use_transformer_beyond_stride',
+            'is 0 and so is extra_decoder_use_transformer_beyond_stride; MaX-DeepLab needs '
+            'dual-path transformers somewhere: set one of them to a stride (16 or 32)')
+  if dual.HasField('high_resolution_output_stride'):
+    hr = dual.high_resolution_output_stride
+    c.check(_is_power_of_two(hr) and 2 <= hr < MAX_DEEPLAB_OUTPUT_STRIDE,
+            f'{field}.high_resolution_output_stride',
+            f'is {hr}; use 2, 4 or 8 (a power of two below the output stride '
+            f'{MAX_DEEPLAB_OUTPUT_STRIDE})')
+  if dual.HasField('activation'):
+    c.check(dual.activation in DUAL_PATH_ACTIVATIONS, f'{field}.activation',
+            f'"{dual.activation}" is unknown; use {" or ".join(DUAL_PATH_ACTIVATIONS)}')
+
+
 def _check_model(c: _Checker, config, descriptor):
   model = config.model_options
   meta_name = model.WhichOneof('meta_architecture')
@@ -233,8 +303,19 @@ def _check_model(c: _Checker, config, descriptor):
     return
   backbone = model.backbone
   name = backbone_name(backbone.name)
-  c.check(name in SUPPORTED_BACKBONES, 'model_options.backbone.name',
-          f'"{backbone.name}" is not supported; use one of {", ".join(SUPPORTED_BACKBONES)}')
+  if c.check(name in SUPPORTED_BACKBONES, 'model_options.backbone.name',
+             f'"{backbone.name}" is not supported; use one of '
+             f'{", ".join(SUPPORTED_BACKBONES)}'):
+    if meta_name == common.META_MAX_DEEPLAB:
+      c.check(name in MAX_DEEPLAB_BACKBONES, 'model_options.backbone.name',
+              f'"{backbone.name}" is not a dual-path network; max_deeplab {{ }} needs one of '
+              f'{", ".join(MAX_DEEPLAB_BACKBONES)}')
+    else:
+      others = [b for b in SUPPORTED_BACKBONES if b not in MAX_DEEPLAB_BACKBONES]
+      c.check(name not in MAX_DEEPLAB_BACKBONES, 'model_options.backbone.name',
+              f'"{backbone.name}" is MaX-DeepLab\'s dual-path network, which only '
+              f'max_deeplab {{ }} uses; {meta_name} {{ }} needs one of {", ".join(others)} '
+              '(axial_resnet50 is the MaX-S encoder of kMaX)')
   required_os = 16 if meta_name == common.META_MAX_DEEPLAB else 32
   c.check(backbone.output_stride == required_os, 'model_options.backbone.output_stride',
           f'is {backbone.output_stride}; {meta_name} uses output stride {required_os}')
@@ -274,7 +355,9 @@ def _check_model(c: _Checker, config, descriptor):
   if meta_name in (common.META_KMAX, common.META_CMT):
     _check_clustering_decoder(c, meta, field)
   else:
-    c.check(meta.num_mask_slots > 0, f'{field}.num_mask_slots', 'must be positive')
+    c.check(meta.num_mask_slots > 0, f'{field}.num_mask_slots',
+            f'is {meta.num_mask_slots}; it must be positive')
+    _check_dual_path(c, meta, field)
   decoder = model.decoder
   if decoder.atrous_rates:
     c.check(len(decoder.atrous_rates) == 3, 'model_options.decoder.atrous_rates',

@@ -1,4 +1,5 @@
-"""Every config under configs/ loads and validates; the kMaX recipes carry DeepLab2's values.
+"""Every config under configs/ loads and validates; the kMaX, CMT and MaX-DeepLab recipes carry
+DeepLab2's values.
 
 Configs are found by glob, so a new file is covered without editing this test. Each `${VAR}` a
 file references is set to a dummy value through the loader's `environ` argument.
@@ -26,6 +27,18 @@ RECIPES = (
 # CMT-DeepLab recipes (configs/*/cmt_deeplab/): kMaX's recipe with the CMT decoder.
 CMT_RECIPES = [f'{dataset}/cmt_deeplab/cmt_meta_{b}_os32.textproto'
                for dataset in ('coco', 'cityscapes') for b in ('r50', 'axial_r50')]
+
+# DeepLab2's MaX-DeepLab recipes (configs/coco/max_deeplab/): (model, crop size, steps in k).
+MAX_VARIANTS = [(model, resolution, steps) for model, resolution in (('s', 641), ('s', 1025),
+                                                                     ('l', 1025))
+                for steps in (100, 200, 400)]
+
+
+def max_recipe(model: str, resolution: int, steps: int) -> str:
+  return f'coco/max_deeplab/max_deeplab_{model}_os16_res{resolution}_{steps}k.textproto'
+
+
+MAX_RECIPES = [max_recipe(*variant) for variant in MAX_VARIANTS]
 
 _VARIABLE = re.compile(r'\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}')
 
@@ -61,11 +74,11 @@ def test_config_loads_and_validates(path):
       assert '${' not in pattern and pattern.startswith('/dummy/'), pattern
 
 
-def test_config_set_is_the_kmax_and_cmt_recipes_plus_synthetic():
+def test_config_set_is_the_kmax_cmt_and_max_recipes_plus_synthetic():
   found = {_id(path) for path in ALL_CONFIGS}
   synthetic = {name for name in found if name.startswith('synthetic/')}
   assert synthetic, 'no synthetic config under configs/synthetic/'
-  assert found - synthetic == set(RECIPES) | set(CMT_RECIPES)
+  assert found - synthetic == set(RECIPES) | set(CMT_RECIPES) | set(MAX_RECIPES)
 
 
 def _as_kmax(config):
@@ -273,3 +286,164 @@ def test_recipes_of_a_dataset_differ_only_in_the_encoder(dataset):
     first = _recipe_without_encoder(paths[0])
     for other in paths[1:]:
       assert _recipe_without_encoder(other) == first, f'{other} differs from {paths[0]}'
+
+
+# MaX-DeepLab (reference: deeplab2-architecture.md section 2.9; DeepLab2's
+# configs/coco/max_deeplab/*.textproto). Values every MaX recipe shares:
+_MAX_COCO = {
+    'train_dataset_options.dataset': 'coco_panoptic',
+    'eval_dataset_options.dataset': 'coco_panoptic',
+    'model_options.backbone.output_stride': 16,
+    'model_options.backbone.drop_path_keep_prob': 0.8,
+    'model_options.backbone.drop_path_schedule': 'linear',
+    'model_options.decoder.feature_key': 'feature_semantic',
+    'model_options.decoder.atrous_rates': [6, 12, 18],
+    'model_options.max_deeplab.pixel_space_head.output_channels': 128,
+    'model_options.max_deeplab.pixel_space_head.head_channels': 256,
+    'model_options.max_deeplab.auxiliary_semantic_head.output_channels': 134,
+    'model_options.max_deeplab.auxiliary_semantic_head.head_channels': 256,
+    'model_options.max_deeplab.instance_discrimination_sample_k': 0,
+    'model_options.max_deeplab.num_mask_slots': 128,
+    'model_options.max_deeplab.use_auxiliary_semantic_head': True,
+    'trainer_options.loss_options.semantic_loss.weight': 1.0,
+    'trainer_options.loss_options.semantic_loss.top_k_percent': 1.0,
+    'trainer_options.loss_options.pq_style_loss.weight': 3.0,
+    'trainer_options.loss_options.mask_id_cross_entropy_loss.weight': 0.3,
+    'trainer_options.loss_options.instance_discrimination_loss.weight': 1.0,
+    'trainer_options.solver_options.optimizer': 'adam',
+    'trainer_options.solver_options.adamw_weight_decay': 0.0,
+    'trainer_options.solver_options.learning_policy': 'poly',
+    'trainer_options.solver_options.warmup_steps': 5000,
+    'trainer_options.solver_options.backbone_learning_rate_multiplier': 0.1,
+    'train_dataset_options.batch_size': 64,
+    'train_dataset_options.max_thing_id': 128,
+    'train_dataset_options.thing_id_mask_annotations': True,
+    'eval_dataset_options.thing_id_mask_annotations': True,
+    'train_dataset_options.augmentations.min_scale_factor': 0.5,
+    'train_dataset_options.augmentations.max_scale_factor': 1.5,
+    'train_dataset_options.augmentations.scale_factor_step_size': 0.1,
+    'train_dataset_options.augmentations.panoptic_copy_paste.panoptic_copy_paste_scale': 0.0,
+    'eval_dataset_options.batch_size': 1,
+    'evaluator_options.transformer_post_processing': 'pixelwise',
+    'evaluator_options.transformer_class_confidence_threshold': 0.7,
+    'evaluator_options.pixel_confidence_threshold': 0.4,
+}
+
+
+def _max_expected(model: str, resolution: int, steps: int) -> dict:
+  """DeepLab2's values for one MaX recipe: the shared ones plus what its variant changes."""
+  large = model == 'l'
+  area_limits = (100, 1600) if resolution == 641 else (256, 4096)
+  expected = dict(_MAX_COCO, **{
+      'model_options.backbone.name': f'max_deeplab_{model}',
+      'trainer_options.solver_options.base_learning_rate': 3e-4 if large else 1e-3,
+      'trainer_options.solver_options.training_number_of_steps': steps * 1000,
+      'train_dataset_options.augmentations.autoaugment_policy_name':
+          'simple_classification_policy' if large else '',
+      'evaluator_options.thing_area_limit': area_limits[0],
+      'evaluator_options.stuff_area_limit': area_limits[1],
+  })
+  for split in ('train_dataset_options', 'eval_dataset_options'):
+    expected.update({
+        f'{split}.crop_size': [resolution, resolution],
+        f'{split}.min_resize_value': [resolution],
+        f'{split}.max_resize_value': [resolution],
+        f'{split}.increase_small_instance_weights': large,
+        f'{split}.small_instance_weight': 3.0 if large else 1.0,
+        f'{split}.small_instance_threshold': 4096,
+    })
+  return expected
+
+
+@pytest.mark.parametrize('variant', MAX_VARIANTS, ids=[max_recipe(*v) for v in MAX_VARIANTS])
+def test_max_recipe_values(variant):
+  config = load(max_recipe(*variant))
+  assert config.model_options.WhichOneof('meta_architecture') == 'max_deeplab'
+  assert config.model_options.initial_checkpoint == '/dummy/init_checkpoint'
+  for dotted, expected in _max_expected(*variant).items():
+    actual = field(config, dotted)
+    if isinstance(expected, float):
+      assert actual == pytest.approx(expected), dotted
+    else:
+      assert actual == expected, dotted
+
+
+def _dual_path_snippet(backbone: str) -> str:
+  """A dual_path { } override spelling out the backbone's preset."""
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
+  preset = dual_path_resnet.PRESETS[backbone]
+  items = []
+  for name, value in preset.items():
+    if name == 'backbone_type':
+      continue
+    if isinstance(value, (list, tuple)):
+      items.append(f'{name}: [{", ".join(str(v) for v in value)}]')
+    elif isinstance(value, str):
+      items.append(f'{name}: "{value}"')
+    else:
+      items.append(f'{name}: {value}')
+  return 'model_options { max_deeplab { dual_path { ' + ' '.join(items) + ' } } }'
+
+
+@pytest.mark.parametrize('variant', MAX_VARIANTS, ids=[max_recipe(*v) for v in MAX_VARIANTS])
+def test_max_recipe_is_the_s_641_400k_recipe_with_upstreams_differences(variant):
+  # DeepLab2's nine files differ only in: steps; 1025 crops/resizes and area limits 256/4096;
+  # for L the backbone (with its preset), learning rate 3e-4, AutoAugment and small-instance
+  # weights 3.0 in train and eval.
+  model, resolution, steps = variant
+  overrides = [f'trainer_options {{ solver_options {{ training_number_of_steps: '
+               f'{steps * 1000} }} }}']
+  if resolution != 641:
+    for split in ('train_dataset_options', 'eval_dataset_options'):
+      overrides.append(f'{split} {{ crop_size: [{resolution}, {resolution}] min_resize_value: '
+                       f'{resolution} max_resize_value: {resolution} }}')
+    overrides.append('evaluator_options { thing_area_limit: 256 stuff_area_limit: 4096 }')
+  if model == 'l':
+    overrides += [
+        'model_options { backbone { name: "max_deeplab_l" } }',
+        _dual_path_snippet('max_deeplab_l'),
+        'trainer_options { solver_options { base_learning_rate: 0.0003 } }',
+        'train_dataset_options { augmentations { autoaugment_policy_name: '
+        '"simple_classification_policy" } }']
+    for split in ('train_dataset_options', 'eval_dataset_options'):
+      overrides.append(f'{split} {{ increase_small_instance_weights: true '
+                       'small_instance_weight: 3.0 }')
+  base_path = CONFIG_DIR / max_recipe('s', 641, 400)
+  expected = loader.load_config(str(base_path), environ=dummy_environ(base_path),
+                                overrides=overrides)
+  actual = load(max_recipe(*variant))
+  for config in (expected, actual):
+    config.ClearField('experiment_name')
+  assert actual == expected
+
+
+@pytest.mark.parametrize('relative_path', MAX_RECIPES)
+def test_max_recipe_spells_out_its_backbones_dual_path_preset(relative_path):
+  # Builds nothing: compares the network arguments the builder derives from the config.
+  from deeplab2_kmax.model import builder  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
+  config = load(relative_path)
+  options = config.model_options
+  dual_path = options.max_deeplab.dual_path
+  for descriptor in dual_path.DESCRIPTOR.fields:
+    is_set = (bool(getattr(dual_path, descriptor.name)) if descriptor.is_repeated
+              else dual_path.HasField(descriptor.name))
+    assert is_set, f'dual_path.{descriptor.name} is not spelled out'
+  preset = dual_path_resnet.PRESETS[options.backbone.name]
+  arguments = builder.dual_path_arguments(options)
+  for name, value in preset.items():
+    actual = arguments[name]
+    if isinstance(value, (list, tuple)):
+      assert list(actual) == list(value), name
+    elif isinstance(value, float):
+      assert actual == pytest.approx(value), name
+    else:
+      assert actual == value, name
+  # The same arguments as with the preset alone.
+  def as_lists(kwargs):
+    return {name: list(v) if isinstance(v, (list, tuple)) else v for name, v in kwargs.items()}
+  options.max_deeplab.ClearField('dual_path')
+  assert as_lists(builder.dual_path_arguments(options)) == as_lists(arguments)
+  assert arguments['num_mask_slots'] == arguments['max_num_mask_slots'] == 128
