@@ -142,10 +142,10 @@ def render_readme(registry: Optional[dict] = None) -> str:
       '',
       'The MaX-DeepLab checkpoints are DeepLab2\'s COCO recipes for MaX-DeepLab-S (641 and 1025',
       'crops) and -L (1025 crops) after 100k, 200k and 400k steps (configs under',
-      '`configs/coco/max_deeplab/`). Converting them into our variable layout has not yet been',
-      'checked against a DeepLab2 MaX checkpoint, and the ImageNet backbones they start from',
-      '(DeepLab2\'s `max_deeplab_{s,l}_backbone_imagenet1k_strong_training_strategy`) are not',
-      'listed here.',
+      '`configs/coco/max_deeplab/`). They convert like the kMaX ones: every variable of',
+      'DeepLab2\'s MaX-S and MaX-L checkpoints maps onto ours (docs/model.md, "MaX-DeepLab").',
+      'The ImageNet backbones they start from (DeepLab2\'s',
+      '`max_deeplab_{s,l}_backbone_imagenet1k_strong_training_strategy`) are not listed here.',
       '',
   ]
   by_section = {}
