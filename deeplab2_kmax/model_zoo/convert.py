@@ -131,8 +131,9 @@ def from_deeplab2(reader, model, allow_class_mismatch: bool = False,
     model: a built KMaXDeepLab whose architecture matches the checkpoint.
     allow_class_mismatch: the class-dependent last layers may stay unassigned.
     allowed: further our-key prefixes that may stay unassigned.
-    encoder_only: only the encoder's variables are expected (ImageNet backbones); the rest of
-      the model is allowed to stay unassigned.
+    encoder_only: only the encoder's pretrainable variables are expected (ImageNet
+      backbones); the rest of the model (and MaX-DeepLab's transformer, extra-decoder and
+      memory variables) is allowed to stay unassigned.
   """
   our_keys = our_variable_keys(model)
   variables = checkpoint_map.model_variable_paths(model)
@@ -153,11 +154,14 @@ def from_deeplab2(reader, model, allow_class_mismatch: bool = False,
     report.values[our_keys[path]] = value.astype(variables[path].dtype)
     assigned.add(path)
   allowed = tuple(allowed)
+  # An ImageNet backbone fills only the pretrainable part of the encoder: MaX-DeepLab's
+  # transformer, extra-decoder and memory variables train from scratch.
+  in_backbone = getattr(model.encoder, 'is_backbone_variable', lambda variable: True)
   for path in sorted(set(variables) - assigned):
     key = our_keys[path]
     report.unmapped.append(key)
     if ((allow_class_mismatch and is_class_dependent(key)) or key.startswith(allowed)
-        or (encoder_only and not key.startswith('encoder/'))):
+        or (encoder_only and not (key.startswith('encoder/') and in_backbone(variables[path])))):
       report.allowed.append(key)
   return report
 

@@ -144,8 +144,9 @@ def render_readme(registry: Optional[dict] = None) -> str:
       'crops) and -L (1025 crops) after 100k, 200k and 400k steps (configs under',
       '`configs/coco/max_deeplab/`). They convert like the kMaX ones: every variable of',
       'DeepLab2\'s MaX-S and MaX-L checkpoints maps onto ours (docs/model.md, "MaX-DeepLab").',
-      'The ImageNet backbones they start from (DeepLab2\'s',
-      '`max_deeplab_{s,l}_backbone_imagenet1k_strong_training_strategy`) are not listed here.',
+      'They start from the ImageNet backbones `max_deeplab_{s,l}_backbone_imagenet1k_strong_',
+      'training_strategy`, which fill the encoder except its dual-path transformers, extra',
+      'decoder and memory (these train from scratch, as in DeepLab2).',
       '',
   ]
   by_section = {}

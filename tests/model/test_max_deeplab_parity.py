@@ -19,6 +19,7 @@ import pytest
 from deeplab2_kmax.config import loader
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model import checkpoint_map
+from deeplab2_kmax.model_zoo import convert
 
 REPO = os.path.join(os.path.dirname(__file__), '..', '..')
 S_CONFIG = os.path.join(REPO, 'configs', 'coco', 'max_deeplab',
@@ -48,9 +49,9 @@ def _build(backbone):
   return builder.build_model(config, crop_size=(65, 65))
 
 
-def _upstream_shapes(backbone):
+def _upstream_shapes(name):
   shapes = {}
-  with gzip.open(os.path.join(DATA, f'deeplab2_{backbone}_variables.txt.gz'), 'rt') as f:
+  with gzip.open(os.path.join(DATA, f'deeplab2_{name}_variables.txt.gz'), 'rt') as f:
     for line in f:
       if not line.startswith('#'):
         key, shape = line.rstrip('\n').split('\t')
@@ -102,3 +103,33 @@ def test_backbone_learning_rate_group_excludes_deeplab2s_scratch_variables():
     assert (id(variable) in backbone) != scratch, variable.path
   assert not backbone & {id(v) for v in model.predictor.trainable_variables}
   assert _count(model.backbone_trainable_variables()) > 0
+
+
+class _ShapeOnlyReader:
+  """A checkpoint reader of zeros with the listed shapes (mapping and shapes are under test)."""
+
+  def __init__(self, shapes):
+    self._shapes = shapes
+
+  def get_variable_to_shape_map(self):
+    return dict(self._shapes)
+
+  def get_tensor(self, key):
+    return np.zeros(self._shapes[key], np.float32)
+
+
+def test_deeplab2_imagenet_backbone_fills_the_encoder_except_what_trains_from_scratch(built):
+  # DeepLab2's MaX ImageNet backbones (max_deeplab_{s,l}_backbone_imagenet1k_...) are the
+  # classification networks without transformers: as backbone.pretrained_weights they fill
+  # every encoder variable except the transformer / extra / memory ones, and nothing else.
+  backbone, model = built
+  upstream = _upstream_shapes(f'{backbone}_backbone')
+  report = convert.from_deeplab2(_ShapeOnlyReader(upstream), model, encoder_only=True)
+  assert report.unused == [] and report.mismatched == [] and report.problems == []
+  assert len(report.values) == len(upstream)
+  scratch = [key for key in report.allowed if key.startswith('encoder/')]
+  assert scratch and all(any(word in key for word in ('transformer', 'extra', 'memory_feature'))
+                         for key in scratch)
+  filled = sum(int(np.prod(value.shape)) for value in report.values.values())
+  pretrained = [v for v in model.encoder.weights if model.encoder.is_backbone_variable(v)]
+  assert filled == _count(pretrained)

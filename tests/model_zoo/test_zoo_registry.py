@@ -32,6 +32,8 @@ PUBLISHED = {
                         'kmax_convnext_large_res641_ade20k_train',
                         'kmax_convnext_large_res1281_ade20k_train'],
     'imagenet': ['resnet50_imagenet1k', 'maxs_gelu_imagenet_22k_1k_224',
+                 'max_deeplab_s_backbone_imagenet1k_strong_training_strategy',
+                 'max_deeplab_l_backbone_imagenet1k_strong_training_strategy',
                  'convnext_tiny_imagenet_22k_1k_384', 'convnext_small_imagenet_22k_1k_384',
                  'convnext_base_imagenet_22k_1k_384', 'convnext_large_imagenet_22k_1k_384'],
 }
@@ -39,7 +41,8 @@ PUBLISHED = {
 ENCODERS = {'resnet50': 'resnet50', 'maxs_gelu': 'axial_resnet50', 'convnext_tiny': 'convnext_tiny',
             'convnext_small': 'convnext_small', 'convnext_base': 'convnext_base',
             'convnext_large': 'convnext_large', 'max_deeplab_s': 'max_deeplab_s',
-            'max_deeplab_l': 'max_deeplab_l'}
+            'max_deeplab_l': 'max_deeplab_l', 'max_deeplab_s_backbone': 'max_deeplab_s',
+            'max_deeplab_l_backbone': 'max_deeplab_l'}
 
 
 @pytest.fixture(scope='module')
@@ -65,11 +68,12 @@ def test_urls_digests_and_kinds(entries):
     else:
       expected_kind = 'kmax'
     assert entry.kind == expected_kind, entry.name
-    if entry.kind == 'kmax':
+    if entry.kind in ('kmax', 'max_deeplab'):
       assert entry.pretrained in entries and entries[entry.pretrained].kind == 'backbone'
     if entry.kind == 'max_deeplab':
-      # Their ImageNet backbones are not in the registry.
-      assert entry.pretrained == '', entry.name
+      # MaX-DeepLab-S / -L start from DeepLab2's backbone of the same size.
+      size = entry.name.split('_')[2]
+      assert entry.pretrained == f'max_deeplab_{size}_backbone_imagenet1k_strong_training_strategy'
 
 
 def test_every_config_exists_and_matches_the_checkpoint(entries):
