@@ -83,7 +83,8 @@ def exported_max(tmp_path_factory, synthetic_data_dir):
 def test_max_module_post_processes_pixelwise(exported_max):
   _, module, _, _, _ = exported_max
   assert module.model.name == common.META_MAX_DEEPLAB
-  assert module.post_processor._mode == common.POST_PROCESSING_PIXELWISE  # pylint: disable=protected-access
+  mode = module.post_processor._mode  # pylint: disable=protected-access
+  assert mode == common.POST_PROCESSING_PIXELWISE
 
 
 @pytest.mark.parametrize('shape', [(1, 65, 65), (2, 48, 80)])
@@ -138,15 +139,18 @@ def test_max_predict_writes_panoptic_pngs_and_overlays(exported_max, tmp_path):
 
 
 def test_max_evaluator_runs_pixelwise_on_the_checkpoint(exported_max, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import shutil
+  from deeplab2_kmax.trainer import evaluator as evaluator_lib
+  from deeplab2_kmax.trainer import runner
+  # pylint: enable=g-import-not-at-top
   config, _, checkpoint_dir, _, _ = exported_max
   model_dir = tmp_path / 'run'
   shutil.copytree(checkpoint_dir, model_dir)
   lines = []
   experiment = runner.Experiment(config, 'eval', str(model_dir), log_fn=lines.append)
-  assert experiment.evaluator.post_processor._mode == common.POST_PROCESSING_PIXELWISE  # pylint: disable=protected-access
+  mode = experiment.evaluator.post_processor._mode  # pylint: disable=protected-access
+  assert mode == common.POST_PROCESSING_PIXELWISE
   results = experiment.run()
   assert results['step'] == 7
   with open(evaluator_lib.results_path(str(model_dir), 7)) as f:

@@ -7,6 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow as tf
 
 from deeplab2_kmax import common
@@ -285,8 +286,9 @@ class _Reference:
   """float64 numpy forward of DeepLab2's DualPathTransformerLayer.call (inference mode), reading
   the weights by their DeepLab2 names."""
 
-  def __init__(self, layer, num_heads, key_depth, value_depth, epsilon=1e-3):
+  def __init__(self, layer, num_heads, key_depth, value_depth, activation, epsilon=1e-3):
     self.weights = {v.path.split('/', 1)[1]: v.numpy().astype(np.float64) for v in layer.weights}
+    self.act = _ACTIVATIONS[activation]
     self.heads, self.key_depth, self.value_depth = num_heads, key_depth, value_depth
     self.epsilon = epsilon
 
@@ -319,7 +321,7 @@ class _Reference:
       weights = np.concatenate([_softmax(logits[..., :softmax_groups]),
                                 _softmax(logits[..., softmax_groups:])], axis=-1)
     retrieved = np.einsum('bhlm,bmhd->bhld', weights, value)
-    retrieved = _relu(self.bn(retrieved, f'{name}/batch_norm_retrieved_value',
+    retrieved = self.act(self.bn(retrieved, f'{name}/batch_norm_retrieved_value',
                               (1, self.heads, 1, -1)))
     b, h, l, d = retrieved.shape
     return retrieved.transpose(0, 2, 1, 3).reshape(b, l, h * d)
@@ -328,8 +330,8 @@ class _Reference:
     b, height, width, channels = pixels.shape
     pixels = pixels.reshape(b, height * width, channels).astype(np.float64)
     memory = memory.astype(np.float64)
-    m = _relu(self.conv_bn(memory, 'memory_conv1_bn_act'))
-    p = _relu(self.conv_bn(_relu(pixels), 'pixel_conv1_bn_act'))
+    m = self.act(self.conv_bn(memory, 'memory_conv1_bn_act'))
+    p = self.act(self.conv_bn(self.act(pixels), 'pixel_conv1_bn_act'))
     mq, mk, mv = self.split(self.conv_bn(m, 'memory_qkv_conv_bn'))
     pq, pk, pv = self.split(self.conv_bn(p, 'pixel_qkv_conv_bn'))
     # Memory queries over [pixel keys, memory keys] under one softmax.
@@ -337,14 +339,14 @@ class _Reference:
                               np.concatenate([pv, mv], axis=1),
                               softmax_groups=height * width if variant == 'two_softmaxes'
                               else None)
-    memory_1 = _relu(memory + self.conv_bn(attended, 'memory_conv3_bn'))
-    ffn = self.conv_bn(_relu(self.conv_bn(memory_1, 'memory_ffn_conv1_bn_act')),
+    memory_1 = self.act(memory + self.conv_bn(attended, 'memory_conv3_bn'))
+    ffn = self.conv_bn(self.act(self.conv_bn(memory_1, 'memory_ffn_conv1_bn_act')),
                        'memory_ffn_conv2_bn')
-    memory_2 = _relu(memory_1 + ffn)
+    memory_2 = self.act(memory_1 + ffn)
     # Pixel queries over the keys / values of the *input* memory.
     if variant == 'updated_memory_keys':
-      _, mk, mv = self.split(self.conv_bn(_relu(self.conv_bn(memory_2, 'memory_conv1_bn_act')),
-                                          'memory_qkv_conv_bn'))
+      updated = self.act(self.conv_bn(memory_2, 'memory_conv1_bn_act'))
+      _, mk, mv = self.split(self.conv_bn(updated, 'memory_qkv_conv_bn'))
     retrieved = self.attention('pixel_attention', pq, mk, mv)
     pixels_1 = pixels + self.conv_bn(retrieved, 'pixel_conv3_bn')
     return pixels_1.reshape(b, height, width, channels), memory_2
@@ -354,15 +356,26 @@ def _relu(x):
   return np.maximum(x, 0.0)
 
 
+def _gelu(x):
+  """The exact (erf) GELU, DeepLab2's 'gelu'."""
+  return 0.5 * x * (1.0 + scipy.special.erf(x / np.sqrt(2.0)))
+
+
+_ACTIVATIONS = {'relu': _relu, 'gelu': _gelu}
+
+
 def _softmax(x):
   x = np.exp(x - x.max(-1, keepdims=True))
   return x / x.sum(-1, keepdims=True)
 
 
-def test_dual_path_transformer_layer_equals_numpy_reference():
+# relu is DeepLab2's MaX-DeepLab; gelu takes the fused BN + GELU inference path.
+@pytest.mark.parametrize('activation', ['relu', 'gelu'])
+def test_dual_path_transformer_layer_equals_numpy_reference(activation):
   # filters 16: bottleneck 32, keys 16, values 32 over 4 heads; pixels [2, 3, 5, 12],
   # memory [2, 6, 10] (Cp != Cm != filters so that a transposed width would fail).
   layer = dual_path_transformer.DualPathTransformerLayer(16, num_heads=4, ffn_channels=24,
+                                                         activation=activation,
                                                          name='dual_path')
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(2, 3, 5, 12)).astype(np.float32)
@@ -371,7 +384,8 @@ def test_dual_path_transformer_layer_equals_numpy_reference():
   _randomise_batch_norms(layer, seed=1)
   got_pixels, got_memory = layer((pixels, memory), training=False)
   assert got_pixels.shape == (2, 3, 5, 12) and got_memory.shape == (2, 6, 10)
-  reference = _Reference(layer, num_heads=4, key_depth=16, value_depth=32)
+  reference = _Reference(layer, num_heads=4, key_depth=16, value_depth=32,
+                         activation=activation)
   want_pixels, want_memory = reference(pixels, memory)
   np.testing.assert_allclose(got_pixels, want_pixels, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got_memory, want_memory, rtol=1e-4, atol=1e-4)
