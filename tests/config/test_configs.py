@@ -27,9 +27,6 @@ RECIPES = (
 CMT_RECIPES = [f'{dataset}/cmt_deeplab/cmt_meta_{b}_os32.textproto'
                for dataset in ('coco', 'cityscapes') for b in ('r50', 'axial_r50')]
 
-# MaX-DeepLab recipes (configs/*/max_deeplab/): DeepLab2's MaX-DeepLab-S on COCO.
-MAX_RECIPES = ['coco/max_deeplab/max_deeplab_s_os16_res641_400k.textproto']
-
 _VARIABLE = re.compile(r'\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}')
 
 
@@ -64,35 +61,11 @@ def test_config_loads_and_validates(path):
       assert '${' not in pattern and pattern.startswith('/dummy/'), pattern
 
 
-def test_config_set_is_the_kmax_cmt_and_max_recipes_plus_synthetic():
+def test_config_set_is_the_kmax_and_cmt_recipes_plus_synthetic():
   found = {_id(path) for path in ALL_CONFIGS}
   synthetic = {name for name in found if name.startswith('synthetic/')}
   assert synthetic, 'no synthetic config under configs/synthetic/'
-  assert found - synthetic == set(RECIPES) | set(CMT_RECIPES) | set(MAX_RECIPES)
-
-
-def test_max_synthetic_demo_has_the_kmax_demos_budget():
-  config = load('synthetic/max_deeplab_s_os16_synthetic_demo.textproto')
-  kmax = load('synthetic/kmax_r50_os32_synthetic_demo.textproto')
-  assert config.model_options.WhichOneof('meta_architecture') == 'max_deeplab'
-  backbone = config.model_options.backbone
-  assert (backbone.name, backbone.output_stride) == ('max_deeplab_s', 16)
-  # Same data, crop, batch, steps, optimizer and losses as the kMaX demo; as many slots as
-  # kMaX has cluster centers.
-  for name in ('train_dataset_options', 'eval_dataset_options', 'trainer_options'):
-    assert getattr(config, name) == getattr(kmax, name), name
-  max_options = config.model_options.max_deeplab
-  assert max_options.num_mask_slots == kmax.model_options.kmax.num_cluster_centers
-  # MaX-DeepLab's instance discrimination and pixel-wise post-processing (DeepLab2's MaX
-  # configs); kMaX's demo is mask-wise.
-  assert max_options.instance_discrimination_sample_k == 0
-  assert config.evaluator_options.transformer_post_processing == 'pixelwise'
-  # The widths the backbone multipliers leave alone are set below MaX-DeepLab-S's.
-  dual_path = max_options.dual_path
-  for name, full_size in (('memory_channels', 256), ('base_transformer_expansion', 1.0),
-                          ('transformer_ffn_channels', 2048),
-                          ('global_feed_forward_network_channels', 256)):
-    assert dual_path.HasField(name) and getattr(dual_path, name) < full_size, name
+  assert found - synthetic == set(RECIPES) | set(CMT_RECIPES)
 
 
 def _as_kmax(config):

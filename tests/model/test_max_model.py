@@ -569,3 +569,19 @@ def test_dual_path_resnet_config_round_trip():
 
 def test_max_model_config_round_trip(tiny_max):
   assert_keras_config_round_trip(tiny_max)
+
+
+@pytest.mark.parametrize('policy', ['mixed_bfloat16', 'mixed_float16'])
+def test_tiny_max_mixed_precision(tiny_max_options, policy):
+  model = builder.build_model(tiny_max_options, dtype=policy)
+  # Variables (the memory too) stay float32; the network computes in the low precision.
+  assert all(w.dtype == 'float32' for w in model.weights)
+  endpoints = model.encoder(tf.zeros([1, 65, 65, 3]))
+  compute = policy.split('_')[1]
+  for key in ('stage5', common.ENDPOINT_FEATURE_PANOPTIC,
+              common.ENDPOINT_TRANSFORMER_MASK_FEATURE):
+    assert endpoints[key].dtype == compute, key
+  outputs = model(_images(batch=2), training=True)
+  for key in MAX_KEYS + (common.PRED_SEMANTIC_LOGITS,):
+    assert outputs[key].dtype == tf.float32, key
+    assert np.isfinite(outputs[key].numpy()).all(), key
