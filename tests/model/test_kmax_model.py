@@ -178,7 +178,12 @@ def test_synthetic_config_builds():
 def test_build_model_rejects_other_meta_architectures(tiny_options):
   options = type(tiny_options)()
   options.CopyFrom(tiny_options)
+  # max_deeplab { } builds since issue 16, but only on a dual-path (MaX-DeepLab) backbone.
   options.model_options.max_deeplab.num_mask_slots = 4
+  with pytest.raises(ValueError, match='max_deeplab_s'):
+    builder.build_model(options)
+  options.model_options.ClearField('max_deeplab')
+  assert options.model_options.WhichOneof('meta_architecture') is None
   with pytest.raises(ValueError, match='kmax'):
     builder.build_model(options)
 
