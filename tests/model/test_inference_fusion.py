@@ -162,4 +162,8 @@ def test_model_inference_fused_equals_unfused_and_disabled_traces_no_xla(tiny_op
   fused_outputs, plain_outputs = fused(image), plain(image)
   assert fused_outputs.keys() == plain_outputs.keys()
   for key, value in plain_outputs.items():
-    np.testing.assert_allclose(fused_outputs[key], value, rtol=1e-4, atol=1e-4, err_msg=key)
+    # Relative to the output's scale: a logit near 0 next to logits of ~200 carries the same
+    # absolute float32 rounding as they do (oneDNN's kernels differ between CPUs, e.g. AMX).
+    value = np.asarray(value)
+    difference = np.max(np.abs(np.asarray(fused_outputs[key]) - value))
+    assert difference <= 1e-5 * np.max(np.abs(value)) + 1e-6, (key, difference)
