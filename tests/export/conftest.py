@@ -116,6 +116,24 @@ def in_framework(module, images) -> dict:
   return {k: v.numpy() for k, v in step(batch).items()}
 
 
+
+def assert_serving_equals_framework(loaded, module, images, shape):
+  """serving_default of the loaded SavedModel equals the model + post-processor in TF: ids
+  exactly, scores to 1e-5, on the valid [height, width] region of `shape`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
+  got = {k: v.numpy() for k, v in loaded.signatures['serving_default'](
+      images=tf.constant(images)).items()}
+  want = in_framework(module, list(images))
+  height, width = shape[1:]
+  for key in (common.PRED_PANOPTIC, common.PRED_SEMANTIC, common.PRED_INSTANCE):
+    np.testing.assert_array_equal(got[key], want[key][:, :height, :width], err_msg=key)
+  for key in (common.PRED_INSTANCE_SCORES, common.PRED_SEMANTIC_SCORES):
+    np.testing.assert_allclose(got[key], want[key][:, :height, :width], atol=1e-5, rtol=0,
+                               err_msg=key)
+  # Parity on a single void or stuff region would prove little.
+  assert len(np.unique(got[common.PRED_PANOPTIC])) >= 2
+
 def numpy_segments(panoptic, instance_scores, divisor: int, ignore_label: int):
   """(ids, classes, mean scores, areas) of the non-void segments, ids ascending."""
   ids, inverse, areas = np.unique(panoptic, return_inverse=True, return_counts=True)

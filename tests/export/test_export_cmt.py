@@ -1,15 +1,13 @@
 """A CMT-DeepLab model exports like kMaX (issue #10): the serving_default signature of a tiny
 CMT model equals the in-framework model + post-processor (ids exactly, scores to 1e-5)."""
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax import common
 from deeplab2_kmax import export
 from tests.conftest import REPO_ROOT
 from tests.export.conftest import TINY_OVERRIDE
-from tests.export.conftest import in_framework
+from tests.export.conftest import assert_serving_equals_framework
 from tests.export.conftest import sample_images
 from tests.export.conftest import sharpen_max_head
 
@@ -37,14 +35,4 @@ def test_cmt_serving_default_equals_in_framework(exported_cmt, shape):
   module, loaded = exported_cmt
   assert module.model.name == 'cmt_deeplab'
   images = sample_images(sum(shape) + 1, shape)
-  got = {k: v.numpy() for k, v in loaded.signatures['serving_default'](
-      images=tf.constant(images)).items()}
-  want = in_framework(module, list(images))
-  height, width = shape[1:]
-  for key in (common.PRED_PANOPTIC, common.PRED_SEMANTIC, common.PRED_INSTANCE):
-    np.testing.assert_array_equal(got[key], want[key][:, :height, :width], err_msg=key)
-  for key in (common.PRED_INSTANCE_SCORES, common.PRED_SEMANTIC_SCORES):
-    np.testing.assert_allclose(got[key], want[key][:, :height, :width], atol=1e-5, rtol=0,
-                               err_msg=key)
-  # Parity on a single void or stuff region would prove little.
-  assert len(np.unique(got[common.PRED_PANOPTIC])) >= 2
+  assert_serving_equals_framework(loaded, module, images, shape)

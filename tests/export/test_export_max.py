@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from deeplab2_kmax import common
 from tests.conftest import REPO_ROOT
-from tests.export.conftest import in_framework
+from tests.export.conftest import assert_serving_equals_framework
 from tests.export.conftest import sample_images
 from tests.export.conftest import sharpen_max_head
 
@@ -91,17 +91,7 @@ def test_max_module_post_processes_pixelwise(exported_max):
 def test_max_serving_default_equals_in_framework(exported_max, shape):
   _, module, _, _, loaded = exported_max
   images = sample_images(sum(shape) + 2, shape)
-  got = {k: v.numpy() for k, v in loaded.signatures['serving_default'](
-      images=tf.constant(images)).items()}
-  want = in_framework(module, list(images))
-  height, width = shape[1:]
-  for key in (common.PRED_PANOPTIC, common.PRED_SEMANTIC, common.PRED_INSTANCE):
-    np.testing.assert_array_equal(got[key], want[key][:, :height, :width], err_msg=key)
-  for key in (common.PRED_INSTANCE_SCORES, common.PRED_SEMANTIC_SCORES):
-    np.testing.assert_allclose(got[key], want[key][:, :height, :width], atol=1e-5, rtol=0,
-                               err_msg=key)
-  # Parity on a single void or stuff region would prove little.
-  assert len(np.unique(got[common.PRED_PANOPTIC])) >= 2
+  assert_serving_equals_framework(loaded, module, images, shape)
 
 
 def test_max_predict_writes_panoptic_pngs_and_overlays(exported_max, tmp_path):
