@@ -32,6 +32,7 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import export as export_lib
+from deeplab2_kmax.export import runtimes
 from deeplab2_kmax import progress as progress_lib
 from deeplab2_kmax import visualization
 from deeplab2_kmax.config import flags as config_flags

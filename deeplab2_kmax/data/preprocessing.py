@@ -50,17 +50,21 @@ def resize_to_range_size(height: tf.Tensor, width: tf.Tensor,
   """
   height = tf.cast(height, tf.int32)
   width = tf.cast(width, tf.int32)
+  # The scales are quotients of integers below 2**24, exact in float32. Dividing in float32
+  # gives the same bits as dividing in float64 and rounding to float32 (double rounding is
+  # innocuous for division when 53 >= 2 * 24 + 2), and keeps float64 out of the graph, which
+  # LiteRT's builtin ops do not support.
   if min_size:
-    scale = tf.maximum(min_size[0] / tf.cast(height, tf.float64),
-                       min_size[1] / tf.cast(width, tf.float64))
+    scale = tf.maximum(min_size[0] / tf.cast(height, tf.float32),
+                       min_size[1] / tf.cast(width, tf.float32))
     height, width = _scale_dim(height, scale), _scale_dim(width, scale)
   if max_size:
     if factor:
       max_size = (max_size[0] - (max_size[0] - 1) % factor,
                   max_size[1] - (max_size[1] - 1) % factor)
-    scale = tf.minimum(max_size[0] / tf.cast(height, tf.float64),
-                       max_size[1] / tf.cast(width, tf.float64))
-    scale = tf.minimum(tf.cast(scale, tf.float32), 1.0)
+    scale = tf.minimum(max_size[0] / tf.cast(height, tf.float32),
+                       max_size[1] / tf.cast(width, tf.float32))
+    scale = tf.minimum(scale, 1.0)
     height, width = _scale_dim(height, scale), _scale_dim(width, scale)
   size = tf.stack([height, width])
   if factor:

@@ -17,6 +17,7 @@ float32.
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from deeplab2_kmax import common
@@ -84,7 +85,10 @@ class MaXHead(normalization.NormLayerSerializable, keras.layers.Layer):
         gamma_initializer=keras.initializers.Constant(0.1), dtype=policy)
     bias = [0.0] * self.num_classes
     bias[-1] = void_bias(self.num_classes)
-    self._void_bias = tf.constant(bias, tf.float32)
+    # A numpy array, not an eager tensor: traced graphs then embed it as a constant instead of
+    # capturing an outside tensor, which exporters that freeze only variables (tf2onnx) would
+    # turn into an extra model input.
+    self._void_bias = np.asarray(bias, np.float32)
 
   def build(self, input_shape):
     # Sub-layers build on the first (eager) call, nested in this layer's name scope; an

@@ -1,11 +1,8 @@
-"""Exports a trained model as a SavedModel for TF Serving, with pre- and post-processing in the
-graph.
+"""The serving graph every export format is traced from: eval preprocessing, model,
+post-processor and per-segment arrays in one tf.Module.
 
-    python -m deeplab2_kmax.export --config_file=F (--checkpoint_path=C | --model_dir=D) \
-        --output_path=O [--input_type=image_tensor,image_bytes,tf_example] \
-        [--batch_size=N|dynamic] [--version=V]
-
-writes `O/<version>/` (TF Serving's versioned layout) with the tag `serve` and these signatures:
+Signatures (the SavedModel writes all that export_options.input_type names; ONNX and LiteRT take
+serving_default only, since they have no image decoder):
 
 | signature       | input                                           | name          |
 |-----------------|-------------------------------------------------|---------------|
@@ -46,32 +43,20 @@ InvalidArgumentError naming the problem; a wrong dtype or rank is refused by the
 `transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
 """
 
-import os
-import sys
 from typing import Mapping, Optional, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
-from google.protobuf import text_format
 import tensorflow as tf
 
 from deeplab2_kmax import common
-from deeplab2_kmax import config as config_lib
-from deeplab2_kmax.config import flags as config_flags
+from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data import pipeline
 from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.model import builder
-from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
-from deeplab2_kmax.protos import dataset_pb2
 from deeplab2_kmax.trainer import checkpoints
 
-TAG_SERVE = 'serve'
-ASSETS_EXTRA = 'assets.extra'
-DESCRIPTOR_FILE = 'dataset_descriptor.textproto'
 SIGNATURE_IMAGE_TENSOR = 'serving_default'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
 SIGNATURE_TF_EXAMPLE = 'tf_example'
@@ -291,6 +276,9 @@ class ServingModule(tf.Module):
     with tf.control_dependencies([check]):
       images = tf.identity(batch[common.IMAGE])
     outputs = self.model(images, training=False)
+    # Under a bfloat16 policy the post-processor and clients still get float32.
+    outputs = {key: tf.cast(value, tf.float32) if value.dtype.is_floating else value
+               for key, value in outputs.items()}
     predictions = self.post_processor(outputs, batch)
     result = {key: predictions[key] for key in PREDICTION_KEYS}
     result[IMAGE_SIZE] = batch[common.GT_SIZE_RAW]
@@ -344,17 +332,30 @@ class ServingModule(tf.Module):
 
 
 def build_serving_module(config, model=None, batch_size: Optional[int] = None,
-                         include_raw_outputs: Optional[bool] = None) -> ServingModule:
+                         include_raw_outputs: Optional[bool] = None,
+                         precision: str = 'float32') -> ServingModule:
   """The ServingModule of an ExperimentOptions (model built with fresh weights unless given).
 
   The model is built on the eval crop, the crop every exported request is preprocessed to.
+
+  Args:
+    config: ExperimentOptions.
+    model: a built model, or None to build one.
+    batch_size: fixed batch size of the signatures, or None for a dynamic one.
+    include_raw_outputs: default export_options.include_raw_outputs.
+    precision: 'float32' or 'bfloat16' (precision.resolve's result): the compute precision of
+      the model built here. A mixed-precision training policy is a training choice and does
+      not carry over.
   """
   descriptor = datasets.from_dataset_options(config.eval_dataset_options)
   preprocess_options = PreprocessOptions.from_dataset_options(config.eval_dataset_options)
   if model is None:
-    # Serving runs in float32: a mixed-precision training policy is a training choice.
+    if precision not in precision_lib.KERAS_POLICIES:
+      raise ValueError(f'precision "{precision}" must be resolved to one of '
+                       f'{", ".join(precision_lib.KERAS_POLICIES)} (precision.resolve).')
     model = builder.build_model(config, crop_size=preprocess_options.crop_size,
-                                descriptor=descriptor, dtype='float32')
+                                descriptor=descriptor,
+                                dtype=precision_lib.KERAS_POLICIES[precision])
   if include_raw_outputs is None:
     include_raw_outputs = config.export_options.include_raw_outputs
   return ServingModule(model, post_processor_lib.build_post_processor(config, descriptor),
@@ -375,119 +376,3 @@ def restore_model(model, checkpoint_path: str) -> str:
   # Optimizer slots in the file are not needed; every model variable must be found.
   checkpoints.restore(checkpoints.make_checkpoint(model, [], step), path, partial=True)
   return path
-
-
-def export(module: ServingModule, output_path: str, version: int = 1,
-           input_types: Sequence[str] = tuple(INPUT_TYPES)) -> str:
-  """Writes module as `output_path/<version>/`; returns that directory."""
-  input_types = list(input_types) or list(INPUT_TYPES)
-  if 'image_tensor' not in input_types:
-    # TF Serving answers requests without a signature name with serving_default.
-    raise ValueError('export_options.input_type must include "image_tensor" (serving_default).')
-  directory = os.path.join(output_path, str(version))
-  if tf.io.gfile.exists(directory):
-    tf.io.gfile.rmtree(directory)
-  # Traced without XLA functions: TF Serving's XLA:CPU JIT is off by default.
-  with inference_fusion.disabled():
-    tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
-  # The label space (class names, colours, divisor) for clients such as deeplab2_kmax.predict;
-  # TF Serving ignores assets.extra.
-  tf.io.gfile.makedirs(os.path.join(directory, ASSETS_EXTRA))
-  with tf.io.gfile.GFile(descriptor_path(directory), 'w') as f:
-    f.write(text_format.MessageToString(datasets.to_inline_options(module.descriptor)))
-  return directory
-
-
-def descriptor_path(directory: str) -> str:
-  return os.path.join(directory, ASSETS_EXTRA, DESCRIPTOR_FILE)
-
-
-def load_descriptor(directory: str):
-  """The DatasetDescriptor written next to an exported SavedModel."""
-  path = descriptor_path(directory)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f'{path} is missing; it is written by deeplab2_kmax.export (export '
-                            'again, or predict with --config_file and --checkpoint_path).')
-  with tf.io.gfile.GFile(path) as f:
-    options = text_format.Parse(f.read(), dataset_pb2.DatasetDescriptorOptions())
-  return datasets.from_inline_options(options)
-
-
-def latest_version_dir(saved_model: str) -> str:
-  """A SavedModel folder, or the newest numeric version inside a TF Serving base path."""
-  if tf.io.gfile.exists(os.path.join(saved_model, 'saved_model.pb')):
-    return saved_model
-  versions = [int(name.rstrip('/')) for name in tf.io.gfile.listdir(saved_model)
-              if name.rstrip('/').isdigit()] if tf.io.gfile.isdir(saved_model) else []
-  if not versions:
-    raise FileNotFoundError(f'{saved_model} is neither a SavedModel (no saved_model.pb) nor a '
-                            'base path with numeric version folders; pass the --output_path '
-                            'of deeplab2_kmax.export or one of its version folders.')
-  return os.path.join(saved_model, str(max(versions)))
-
-
-# ---- Command line ----
-
-
-def define_flags():
-  config_flags.define_config_flags()
-  flags.DEFINE_string('checkpoint_path', None, 'Checkpoint prefix (ckpt-N) or a folder holding '
-                      'checkpoints (the newest is used).')
-  flags.DEFINE_string('model_dir', None, 'Run directory of deeplab2_kmax.train; its newest '
-                      'checkpoint is exported when --checkpoint_path is not given.')
-  flags.DEFINE_string('output_path', None, 'TF Serving base path; the model goes to '
-                      '<output_path>/<version>/.', required=True)
-  flags.DEFINE_list('input_type', None, 'Signatures to write (default: export_options or all '
-                    f'of {",".join(INPUT_TYPES)}).')
-  flags.DEFINE_string('batch_size', None, 'Fixed batch size of the signatures, or "dynamic" '
-                      '(default: export_options.batch_size; 0 = dynamic).')
-  flags.DEFINE_integer('version', None, 'Version folder (default: export_options.version).')
-
-
-def parse_batch_size(text: Optional[str], default: int) -> Optional[int]:
-  """--batch_size: None (flag unset) -> default; 'dynamic' or 0 -> None; N -> N."""
-  if text is None:
-    value = default
-  elif text.strip().lower() == 'dynamic':
-    value = 0
-  else:
-    try:
-      value = int(text)
-    except ValueError:
-      raise ValueError(f'--batch_size must be a positive integer or "dynamic", got '
-                       f'"{text}".') from None
-  if value < 0:
-    raise ValueError(f'--batch_size must be a positive integer or "dynamic", got {value}.')
-  return value or None
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  values = flags.FLAGS
-  checkpoint = values.checkpoint_path or values.model_dir
-  if not checkpoint:
-    raise app.UsageError('pass --checkpoint_path (or --model_dir of a training run).')
-  # tf.saved_model.save logs each written file at INFO; the summary line below says it all.
-  logging.set_verbosity(logging.WARNING)
-  try:
-    config = config_flags.load_from_flags()
-    options = config.export_options
-    batch_size = parse_batch_size(values.batch_size, options.batch_size)
-    input_types = values.input_type or list(options.input_type) or list(INPUT_TYPES)
-    version = values.version if values.version is not None else options.version
-    module = build_serving_module(config, batch_size=batch_size)
-    restored = restore_model(module.model, checkpoint)
-    directory = export(module, values.output_path, version, input_types)
-  except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, ValueError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
-  print(f'[export] {restored} -> {directory} (signatures '
-        f'{", ".join(INPUT_TYPES[t] for t in input_types)}; batch '
-        f'{batch_size or "dynamic"})', flush=True)
-  return 0
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)
