@@ -129,7 +129,7 @@ def main(argv):
                     flags_common + [f'--output_path={os.path.join(workdir, "export")}'])
       predictions = os.path.join(workdir, 'predictions')
       if stage_command('predict', 'deeplab2_kmax.predict',
-                       [f'--saved_model={os.path.join(workdir, "export")}',
+                       [f'--model={os.path.join(workdir, "export")}',
                         f'--input={os.path.join(data_dir, "val_images", "*.png")}',
                         f'--output_dir={predictions}']):
         overlays = sorted(glob.glob(os.path.join(predictions, 'overlay', '*.png')))

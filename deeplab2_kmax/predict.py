@@ -1,6 +1,7 @@
-"""Panoptic predictions for image files, from an exported SavedModel or a training checkpoint.
+"""Panoptic predictions for image files, from an export (SavedModel, ONNX or LiteRT) or a
+training checkpoint.
 
-    python -m deeplab2_kmax.predict (--saved_model=S | --config_file=F --checkpoint_path=C) \
+    python -m deeplab2_kmax.predict (--model=M | --config_file=F --checkpoint_path=C) \
         --input=PATH_OR_GLOB --output_dir=D
 
 For each image `<stem>.<ext>` it writes, under D:
@@ -13,8 +14,10 @@ For each image `<stem>.<ext>` it writes, under D:
 | segments/<stem>.json      | COCO `segments_info` (id, category_id, iscrowd, area, bbox)   |
 |                           | plus each segment's class name, score and panoptic label      |
 
-and `panoptic.json`, the COCO panoptic document of all images (with `categories`). S may be the
-export's base path (its newest version is used) or a version folder. A progress bar with ETA
+and `panoptic.json`, the COCO panoptic document of all images (with `categories`). M may be the
+export's base path (its newest SavedModel version is used), a version folder, or a model.onnx /
+model.tflite file of the export (run in ONNX Runtime / the LiteRT interpreter; the label space is
+read from its folder's assets.extra, or from the .onnx metadata). A progress bar with ETA
 goes to stderr.
 """
 
@@ -77,6 +80,32 @@ class Predictor:
     return cls(function, export_lib.load_descriptor(directory), directory)
 
   @classmethod
+  def from_model(cls, path: str) -> 'Predictor':
+    """Any export format (export/runtimes.py): a SavedModel folder, a .onnx or a .tflite file."""
+    kind = runtimes.format_of(path)
+    if kind == 'saved_model':
+      return cls.from_saved_model(path)
+    runtime = runtimes.load(path)
+    if runtime.descriptor is None:
+      raise FileNotFoundError(
+          f'{path} comes without its label space: deeplab2_kmax.export writes it to '
+          f'{export_lib.descriptor_path(os.path.dirname(os.path.abspath(path)))}; keep the '
+          'file in its export folder.')
+
+    def function(data):
+      # ONNX and LiteRT have no image decoder: decode here, as the image_bytes signature does.
+      try:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+      except tf.errors.InvalidArgumentError:
+        raise tf.errors.InvalidArgumentError(
+            None, None, 'not a JPEG, PNG, GIF, BMP or WebP image; its first bytes are '
+            f'{data[:8]!r}') from None
+      return runtime(image[np.newaxis])
+
+    function.runtime = runtime
+    return cls(function, runtime.descriptor, f'{path} ({kind})')
+
+  @classmethod
   def from_checkpoint(cls, config, checkpoint_path: str) -> 'Predictor':
     module = export_lib.build_serving_module(config)
     restored = export_lib.restore_model(module.model, checkpoint_path)
@@ -87,7 +116,7 @@ class Predictor:
   def __call__(self, data: bytes) -> dict[str, np.ndarray]:
     """Predictions of one encoded image, each cropped to the image: [height, width] maps and
     the per-segment arrays trimmed to the segments found."""
-    outputs = {key: value.numpy()[0] for key, value in self._function(data).items()}
+    outputs = {key: np.asarray(value)[0] for key, value in self._function(data).items()}
     height, width = (int(x) for x in outputs[export_lib.IMAGE_SIZE])
     result = {}
     for key, value in outputs.items():
@@ -219,21 +248,22 @@ def predict_files(predictor: Predictor, files: list[str], output_dir: str,
 
 def define_flags():
   config_flags.define_config_flags(required=False)
-  flags.DEFINE_string('saved_model', None, 'Export of deeplab2_kmax.export: its --output_path '
-                      '(the newest version is used) or a version folder.')
+  flags.DEFINE_string('model', None, 'Export of deeplab2_kmax.export in any format: its '
+                      '--output_path or a version folder (SavedModel, the newest version is '
+                      'used), or a model.onnx (ONNX Runtime) or model.tflite (LiteRT) file.')
+  flags.DEFINE_string('saved_model', None, 'Same as --model (kept for older scripts).')
   flags.DEFINE_string('checkpoint_path', None, 'With --config_file: a checkpoint prefix or a '
                       'folder of checkpoints (the newest is used).')
   flags.DEFINE_string('input', None, 'Image file, folder or glob.', required=True)
   flags.DEFINE_string('output_dir', None, 'Where predictions go.', required=True)
 
 
-def make_predictor(saved_model: Optional[str], config_file: Optional[str],
+def make_predictor(model: Optional[str], config_file: Optional[str],
                    checkpoint_path: Optional[str]) -> Predictor:
-  if bool(saved_model) == bool(config_file or checkpoint_path):
-    raise app.UsageError('pass either --saved_model or both --config_file and '
-                         '--checkpoint_path.')
-  if saved_model:
-    return Predictor.from_saved_model(saved_model)
+  if bool(model) == bool(config_file or checkpoint_path):
+    raise app.UsageError('pass either --model or both --config_file and --checkpoint_path.')
+  if model:
+    return Predictor.from_model(model)
   if not (config_file and checkpoint_path):
     raise app.UsageError('--config_file and --checkpoint_path go together.')
   return Predictor.from_checkpoint(config_flags.load_from_flags(), checkpoint_path)
@@ -244,11 +274,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   values = flags.FLAGS
   try:
-    predictor = make_predictor(values.saved_model, values.config_file, values.checkpoint_path)
+    if values.model and values.saved_model and values.model != values.saved_model:
+      raise app.UsageError('--model and --saved_model name the same thing; pass one.')
+    predictor = make_predictor(values.model or values.saved_model, values.config_file,
+                               values.checkpoint_path)
     files = resolve_inputs(values.input)
     annotations = predict_files(predictor, files, values.output_dir)
   except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, FileNotFoundError,
-          ValueError) as error:
+          ValueError, ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   segments = sum(len(a['segments_info']) for a in annotations)

@@ -372,7 +372,6 @@ def restore_model(model, checkpoint_path: str) -> str:
       raise checkpoints.CheckpointMismatchError(
           f'no checkpoint in {checkpoint_path}; train first or pass a ckpt-N prefix as '
           '--checkpoint_path.')
-  step = tf.Variable(0, dtype=tf.int64, trainable=False)
-  # Optimizer slots in the file are not needed; every model variable must be found.
-  checkpoints.restore(checkpoints.make_checkpoint(model, [], step), path, partial=True)
+  # Optimizer slots and the step in the file are not needed; every model variable must be found.
+  checkpoints.restore_model_weights(model, path)
   return path

@@ -42,12 +42,37 @@ def variables_by_path(variables, strip_components: int = 0) -> dict:
   return result
 
 
+def model_items(model) -> dict:
+  """{component name: {variable path: variable}}: the model's part of our checkpoint layout."""
+  # Paths are '<model name>/<component>/...': key by what follows the component.
+  return {name: variables_by_path(component.weights, strip_components=2)
+          for name, component in model.components().items()}
+
+
+def restore_model_weights(model, path: str) -> None:
+  """Restores the model's variables from a checkpoint of our layout, whatever else it holds:
+  a runner checkpoint (step, optimizer slots) or a converted one (model_zoo convert, which has
+  no step or save counter). Every model variable must be found.
+
+  Raises:
+    CheckpointMismatchError: naming the checkpoint, when a variable is missing or has another
+      shape.
+  """
+  # read(), unlike restore(), neither needs nor creates the save counter.
+  try:
+    status = tf.train.Checkpoint(**model_items(model)).read(path).expect_partial()
+    status.assert_existing_objects_matched()
+  except (ValueError, AssertionError) as error:
+    detail = str(error).splitlines()[0][:300]
+    raise CheckpointMismatchError(
+        f'checkpoint {path} does not fit the configured model ({detail}); use the config it was '
+        'trained (or converted) with.') from None
+
+
 def make_checkpoint(model, optimizer_groups, global_step: tf.Variable,
                     loss_scale=None) -> tf.train.Checkpoint:
   """The training checkpoint; `loss_scale`: the run's DynamicLossScale (mixed_float16)."""
-  # Paths are '<model name>/<component>/...': key by what follows the component.
-  items = {name: variables_by_path(component.weights, strip_components=2)
-           for name, component in model.components().items()}
+  items = model_items(model)
   items['global_step'] = global_step
   for group in optimizer_groups:
     name = 'optimizer' if group.name == 'main' else f'{group.name}_optimizer'

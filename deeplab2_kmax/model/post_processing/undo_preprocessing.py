@@ -24,6 +24,14 @@ def _valid(size: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
   return tf.range(length)[None, :] < size[:, None]
 
 
+def _inside(raw_size: tf.Tensor, out_h: tf.Tensor, out_w: tf.Tensor) -> tf.Tensor:
+  """bool [batch, out_h, out_w]: inside each image's raw size."""
+  # expand_dims (here and in resize_bilinear), not [:, :, None]: LiteRT's builtins have no
+  # strided slice that adds an axis to a tensor of unknown shape.
+  return tf.logical_and(tf.expand_dims(_valid(raw_size[:, 0], out_h), 2),
+                        tf.expand_dims(_valid(raw_size[:, 1], out_w), 1))
+
+
 def resize_nearest(maps: tf.Tensor, resized_size: tf.Tensor, raw_size: tf.Tensor,
                    fill_value) -> tf.Tensor:
   """Crops [batch, H, W] maps to resized_size and resizes them (nearest) to raw_size.
@@ -48,8 +56,7 @@ def resize_nearest(maps: tf.Tensor, resized_size: tf.Tensor, raw_size: tf.Tensor
   rows = tf.clip_by_value(rows, 0, tf.shape(maps)[1] - 1)
   cols = tf.clip_by_value(cols, 0, tf.shape(maps)[2] - 1)
   result = tf.gather(tf.gather(maps, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
-  inside = tf.logical_and(_valid(raw_size[:, 0], out_h)[:, :, None],
-                          _valid(raw_size[:, 1], out_w)[:, None, :])
+  inside = _inside(raw_size, out_h, out_w)
   return tf.where(inside, result, tf.cast(fill_value, maps.dtype))
 
 
@@ -76,11 +83,10 @@ def resize_bilinear(maps: tf.Tensor, resized_size: tf.Tensor, raw_size: tf.Tenso
   def columns(rows_of):
     top = tf.gather(rows_of, col_low, axis=2, batch_dims=1)
     bottom = tf.gather(rows_of, col_high, axis=2, batch_dims=1)
-    return top + (bottom - top) * col_frac[:, None, :]
+    return top + (bottom - top) * tf.expand_dims(col_frac, 1)
 
   upper = columns(tf.gather(maps, row_low, axis=1, batch_dims=1))
   lower = columns(tf.gather(maps, row_high, axis=1, batch_dims=1))
-  result = upper + (lower - upper) * row_frac[:, :, None]
-  inside = tf.logical_and(_valid(raw_size[:, 0], out_h)[:, :, None],
-                          _valid(raw_size[:, 1], out_w)[:, None, :])
+  result = upper + (lower - upper) * tf.expand_dims(row_frac, 2)
+  inside = _inside(raw_size, out_h, out_w)
   return tf.where(inside, result, fill_value)
