@@ -17,6 +17,7 @@ import keras
 import orbit
 import tensorflow as tf
 
+from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data import pipeline as pipeline_lib
 from deeplab2_kmax.model import builder as model_builder
@@ -50,6 +51,29 @@ def _restore_pretrained(model, model_options, log_fn) -> None:
         log_fn=log_fn)
 
 
+def on_accelerator(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the strategy's replicas run on GPUs or TPUs (not the CPU)."""
+  return any(tf.DeviceSpec.from_string(device).device_type in ('GPU', 'TPU')
+             for device in strategy.extended.worker_devices)
+
+
+def warn_if_slow_bf16(policy: str, strategy: tf.distribute.Strategy,
+                      flags=None) -> Optional[str]:
+  """Logs (absl WARNING) and returns precision.slow_bf16_warning's message when a bfloat16
+  policy runs on a CPU without native bfloat16; None otherwise. Called once per Experiment,
+  outside every replica and loop.
+
+  Args:
+    policy: trainer_options.mixed_precision_policy.
+    strategy: the run's strategy (GPU or TPU replicas never warn).
+    flags: CPU flags (default: this machine's /proc/cpuinfo).
+  """
+  message = precision_lib.slow_bf16_warning(policy, on_accelerator(strategy), flags=flags)
+  if message:
+    logging.warning(message)
+  return message
+
+
 class NoCheckpointError(RuntimeError):
   """eval mode found no checkpoint to evaluate."""
 
@@ -81,6 +105,8 @@ class Experiment:
       # Bit-identical reruns (and resumes): seeded initialisation and deterministic kernels.
       tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(trainer_options.seed)
+    # Once per run, before anything is built: the model computes in this policy in every mode.
+    warn_if_slow_bf16(trainer_options.mixed_precision_policy, self.strategy)
     source = train_options if training else config.eval_dataset_options
     self.descriptor = datasets.from_dataset_options(source)
     chief = strategy_lib.is_chief(self.strategy)
