@@ -136,3 +136,15 @@ def test_model_path_of_an_unknown_kind_is_refused_with_what_it_got(tmp_path):
     runtimes_lib.format_of(str(tmp_path / 'model.onnx'))
   with pytest.raises(FileNotFoundError, match='neither a SavedModel'):
     runtimes_lib.format_of(str(tmp_path))
+
+
+def test_format_flag_is_checked_and_ordered_saved_model_first():
+  from deeplab2_kmax.export import cli  # pylint: disable=g-import-not-at-top
+  # The SavedModel writer clears its version folder, so it goes first whatever the order given.
+  assert cli.parse_formats(['litert', 'onnx', 'saved_model']) == ['saved_model', 'onnx',
+                                                                    'litert']
+  with pytest.raises(ValueError, match='tflite is not a format; use one or more of '
+                     'saved_model,onnx,litert'):
+    cli.parse_formats(['onnx', 'tflite'])
+  with pytest.raises(ValueError, match='nothing is not a format'):
+    cli.parse_formats([])

@@ -22,11 +22,14 @@ class PanopticMaps(NamedTuple):
 
 def _region_size(region_ids: tf.Tensor, num_regions: int) -> tf.Tensor:
   """Pixel count of each pixel's region; region_ids int32 [batch, H, W] in [0, num_regions)."""
-  flat = tf.reshape(region_ids, [tf.shape(region_ids)[0], -1])
-  # tf.math.bincount derives its output size from the data (max id + 1, clipped), which XLA
-  # cannot compile; the raw op with a constant size can.
-  counts = tf.raw_ops.DenseBincount(input=flat, size=tf.constant(num_regions, tf.int32),
-                                    weights=tf.zeros([0], tf.int32), binary_output=False)
+  batch = tf.shape(region_ids)[0]
+  flat = tf.reshape(region_ids, [batch, -1])
+  # One segment sum over the batch, each image's regions offset by num_regions: a constant
+  # number of segments per image, which XLA compiles (tf.math.bincount sizes its output from
+  # the data), and an op that ONNX and LiteRT's builtins have (DenseBincount is neither).
+  offsets = tf.range(batch)[:, tf.newaxis] * num_regions
+  counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), flat + offsets, batch * num_regions)
+  counts = tf.reshape(counts, [batch, num_regions])
   return tf.reshape(tf.gather(counts, flat, batch_dims=1), tf.shape(region_ids))
 
 
