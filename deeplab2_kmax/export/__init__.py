@@ -16,7 +16,9 @@ writes into `O/<version>/` (TF Serving's versioned layout):
 | litert      | model.tflite                         | ai_edge_litert.interpreter            |
 
 plus `assets.extra/dataset_descriptor.textproto` (the label space) and, with the SavedModel,
-`assets.extra/tf_serving_warmup_requests`. deeplab2_kmax.predict --model= runs any of them
+`assets.extra/tf_serving_warmup_requests`: TF Serving's warm-up file (TFRecord of PredictionLog
+records, two PredictRequests per signature at the export's batch size, deterministic gradient
+images; serving_warmup.py), which TF Serving runs at load time so the first request is fast. deeplab2_kmax.predict --model= runs any of them
 (export/runtimes.py). The SavedModel has the tag `serve` and these signatures (ONNX and LiteRT
 have serving_default only):
 
@@ -59,7 +61,8 @@ InvalidArgumentError naming the problem; a wrong dtype or rank is refused by the
 `transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
 
 Modules: serving_module (the graph), saved_model, onnx_format, litert_format (the writers),
-runtimes (loading any format), cli (the command line).
+serving_warmup (TF Serving's warm-up requests), runtimes (loading any format), cli (the command
+line).
 """
 
 # The library's entry points, so that `from deeplab2_kmax import export` reads as before.

@@ -2,8 +2,13 @@
 assets.extra, and the newest version of a base path.
 
 `write` puts `<output_path>/<version>/` with the tag `serve`, the signatures of
-serving_module.ServingModule, `assets.extra/dataset_descriptor.textproto` (class names, colours,
-label divisor, for clients such as deeplab2_kmax.predict) and TF Serving's warm-up requests.
+serving_module.ServingModule and, in `assets.extra/`:
+- `dataset_descriptor.textproto`: class names, colours, label divisor (for clients such as
+  deeplab2_kmax.predict; TF Serving ignores it);
+- `tf_serving_warmup_requests`: TF Serving's warm-up file (serving_warmup.py), a TFRecord file
+  of PredictionLog records, two PredictRequests per written signature at the export's batch
+  size, which TF Serving runs when it loads the version so the first client request is not
+  slowed by TensorFlow's lazy initialisation.
 """
 
 import os
@@ -14,11 +19,12 @@ import tensorflow as tf
 
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.export import serving_module as serving_lib
+from deeplab2_kmax.export import serving_warmup
 from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.protos import dataset_pb2
 
 TAG_SERVE = 'serve'
-ASSETS_EXTRA = 'assets.extra'
+ASSETS_EXTRA = serving_warmup.ASSETS_EXTRA
 DESCRIPTOR_FILE = 'dataset_descriptor.textproto'
 
 
@@ -36,7 +42,18 @@ def write(module: serving_lib.ServingModule, output_path: str, version: int = 1,
   with inference_fusion.disabled():
     tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
   write_descriptor(directory, module.descriptor)
+  write_warmup(directory, module, [serving_lib.INPUT_TYPES[t] for t in input_types])
   return directory
+
+
+def write_warmup(directory: str, module: serving_lib.ServingModule,
+                 signatures: Sequence[str]) -> str:
+  """Writes TF Serving's warm-up requests for signatures into directory/assets.extra."""
+  return serving_warmup.write(directory, serving_warmup.module_requests(module, signatures))
+
+
+def warmup_path(directory: str) -> str:
+  return serving_warmup.warmup_path(directory)
 
 
 def descriptor_text(descriptor) -> str:

@@ -269,6 +269,11 @@ class ServingModule(tf.Module):
   def descriptor(self):
     return self._untracked.descriptor
 
+  @property
+  def batch_size(self) -> Optional[int]:
+    """The signatures' fixed batch size, or None for a dynamic one."""
+    return self._batch_size
+
   def predict(self, batch: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Model + post-processing + segments of a preprocessed batch (preprocess_batch's dict)."""
     check = tf.debugging.assert_positive(tf.shape(batch[common.IMAGE])[0],

@@ -173,3 +173,32 @@ def exported(tmp_path_factory):
                                checkpoint_dir=root / 'model', base=base, directory=directory,
                                loaded=tf.saved_model.load(str(directory)), stdout=result.stdout,
                                root=root)
+
+
+@pytest.fixture(scope='session')
+def runtimes(exported, tmp_path_factory):
+  """{format: runtime} of the tiny model written in every format, raw outputs included.
+
+  One conversion per session (tf2onnx and the LiteRT converter take about a minute on 2 cores),
+  shared by test_export_formats.py and test_workspace_snippets.py. The files are in one version
+  folder: runtimes['onnx'].path, runtimes['litert'].path, runtimes['saved_model'].path.
+  """
+  pytest.importorskip('onnxruntime', reason='the [onnx] extra is not installed '
+                      '(pip install -e ".[test]")')
+  pytest.importorskip('tf2onnx', reason='the [onnx] extra is not installed '
+                      '(pip install -e ".[test]")')
+  from deeplab2_kmax import export  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import litert_format  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import onnx_format  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import runtimes as runtimes_lib  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import saved_model  # pylint: disable=g-import-not-at-top
+  module = export.ServingModule(exported.module.model, exported.module.post_processor,
+                                exported.module.preprocess_options, exported.module.descriptor,
+                                include_raw_outputs=True)
+  base = tmp_path_factory.mktemp('formats')
+  directory = saved_model.write(module, str(base), input_types=['image_tensor'])
+  onnx_path = onnx_format.write(module, directory,
+                                saved_model.descriptor_text(module.descriptor))
+  litert_path = litert_format.write(module, directory)
+  return {'saved_model': runtimes_lib.load(str(base)), 'onnx': runtimes_lib.load(onnx_path),
+          'litert': runtimes_lib.load(litert_path)}

@@ -2,7 +2,8 @@
 runtimes.
 
 The tiny sharpened kMaX of conftest.py (several segments of several classes) is written in all
-three formats from one ServingModule with the raw model outputs included, and each format runs
+three formats from one ServingModule with the raw model outputs included (conftest's session
+fixture `runtimes`, shared with test_workspace_snippets.py), and each format runs
 the same uint8 images of several sizes through its own runtime (ONNX Runtime, the LiteRT
 interpreter). Tolerances, measured on AVX2 and AVX512/AMX hosts and set with a margin:
 - panoptic, semantic and instance ids: equal on >= 99.9% of pixels (the acceptance bound);
@@ -30,26 +31,6 @@ MIN_EQUAL_PIXELS = 0.999
 LOGIT_TOLERANCE = 2e-4
 # (height, width): the crop itself, wider, taller, smaller than the crop.
 IMAGE_SHAPES = ((65, 65), (50, 90), (97, 40), (30, 41))
-
-
-@pytest.fixture(scope='module')
-def runtimes(exported, tmp_path_factory):
-  """{format: runtime} of the tiny model written in every format, raw outputs included."""
-  from deeplab2_kmax import export  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.export import litert_format  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.export import onnx_format  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.export import runtimes as runtimes_lib  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.export import saved_model  # pylint: disable=g-import-not-at-top
-  module = export.ServingModule(exported.module.model, exported.module.post_processor,
-                                exported.module.preprocess_options, exported.module.descriptor,
-                                include_raw_outputs=True)
-  base = tmp_path_factory.mktemp('formats')
-  directory = saved_model.write(module, str(base), input_types=['image_tensor'])
-  onnx_path = onnx_format.write(module, directory,
-                                saved_model.descriptor_text(module.descriptor))
-  litert_path = litert_format.write(module, directory)
-  return {'saved_model': runtimes_lib.load(str(base)), 'onnx': runtimes_lib.load(onnx_path),
-          'litert': runtimes_lib.load(litert_path)}
 
 
 def _assert_same_predictions(got: dict, want: dict, what: str):

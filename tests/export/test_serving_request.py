@@ -1,10 +1,11 @@
 """TF Serving request formats against the exported signatures (issue #7, point 4).
 
-With tensorflow-serving-api (optional: `pip install -e '.[serving]'`) a gRPC PredictRequest is
+With tensorflow-serving-api (a dependency of the package) a gRPC PredictRequest is
 built for each signature, checked against the SavedModel's signature_def as TF Serving checks it
 (input names, dtypes, shapes), and its tensors are run through the signature; the response
-carries every declared output. The REST body documented in WORKSPACE.md is decoded the way TF
-Serving's REST API decodes it (nested lists, {"b64": ...} for bytes) and run the same way.
+carries every declared output. A REST body of the form documented in WORKSPACE.md is decoded
+the way TF Serving's REST API decodes it (nested lists, {"b64": ...} for bytes) and run the same
+way; test_workspace_snippets.py runs the documented bodies themselves.
 """
 
 import base64
@@ -49,7 +50,7 @@ def _accepts(tensor_info, tensor_proto):
 def test_predict_request_is_accepted_by_each_signature(exported, signature):
   predict_pb2 = pytest.importorskip(
       'tensorflow_serving.apis.predict_pb2',
-      reason='tensorflow-serving-api is not installed (pip install -e ".[test]" or ".[serving]")')
+      reason='tensorflow-serving-api is not installed (pip install -e .)')
   value = _inputs()[signature]
   request = predict_pb2.PredictRequest()
   request.model_spec.name = 'kmax'
