@@ -8,8 +8,9 @@ kernel creation, memory pools). The file is a TFRecord file of serialized
 `predict_log.request` (a PredictRequest with model_spec.signature_name and the signature's
 inputs); TF Serving reads at most MAX_RECORDS of them.
 
-Two requests per written signature (IMAGE_SHAPES): one image at the eval crop size and one
-half as high (another aspect ratio, which also exercises the resize back to the image's size).
+Two requests per written signature (image_shapes): one image of the eval crop's aspect ratio and
+one half as high (another aspect ratio, which also exercises the resize back to the image's
+size), at most MAX_IMAGE_SIDE pixels a side (the graph resizes every image to the crop).
 Each request holds the export's fixed batch size of images (1 for a dynamic batch). Images are
 deterministic gradients: no randomness, so an export is reproducible byte for byte. The
 image_bytes signature gets PNG bytes, tf_example a serialized tf.Example with DeepLab2's keys.
@@ -31,9 +32,18 @@ WARMUP_FILE = 'tf_serving_warmup_requests'
 MAX_RECORDS = 1000
 
 
+# Longest side of a warm-up image. Every image is resized to the eval crop in the graph, so the
+# model runs at the crop whatever the request's size; small images keep the file small (raw
+# uint8 at a 1025x2049 crop and batch 8 would be ~50 MB per record).
+MAX_IMAGE_SIDE = 128
+
+
 def image_shapes(crop_size: Sequence[int]) -> list[tuple[int, int]]:
-  """(height, width) of the warm-up images: the eval crop, and half its height."""
+  """(height, width) of the warm-up images: the eval crop's aspect ratio, and half as high,
+  scaled down to at most MAX_IMAGE_SIDE."""
   height, width = int(crop_size[0]), int(crop_size[1])
+  scale = min(1.0, MAX_IMAGE_SIDE / max(height, width))
+  height, width = max(1, round(height * scale)), max(1, round(width * scale))
   return [(height, width), (max(1, height // 2), width)]
 
 

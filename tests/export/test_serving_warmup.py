@@ -118,3 +118,11 @@ def test_gradient_images_are_deterministic_and_varied():
   np.testing.assert_array_equal(images, serving_warmup.gradient_images(5, 7, batch_size=3))
   assert len(np.unique(images[0].reshape(-1, 3), axis=0)) > 10
   assert not np.array_equal(images[0], images[1])
+
+
+def test_warmup_images_of_large_crops_are_scaled_down():
+  from deeplab2_kmax.export import serving_warmup  # pylint: disable=g-import-not-at-top
+  # Cityscapes' 1025x2049 crop: aspect ratio kept, longest side 128.
+  assert serving_warmup.image_shapes((1025, 2049)) == [(64, 128), (32, 128)]
+  assert serving_warmup.image_shapes((65, 65)) == [(65, 65), (32, 65)]
+  assert serving_warmup.image_shapes((1281, 1281)) == [(128, 128), (64, 128)]
