@@ -48,8 +48,9 @@ PRED_PIXEL_SPACE_NORMALIZED_FEATURE = 'pixel_space_normalized_feature'
 PRED_PIXEL_SPACE_MASK_LOGITS = 'pixel_space_mask_logits'
 PRED_TRANSFORMER_CLASS_LOGITS = 'transformer_class_logits'
 PRED_AUXILIARY_OUTPUTS = 'auxiliary_outputs_pred'
-# Exported signatures' extra outputs (deeplab2_kmax/export.py): int32 [batch, 2] size of each
-# input image, int32 [batch] segment count, and per-segment arrays [batch, num slots].
+# Exported signatures' extra outputs (deeplab2_kmax/export/serving_module.py): int32 [batch, 2]
+# size of each input image, int32 [batch] segment count, and per-segment arrays
+# [batch, num slots].
 PRED_IMAGE_SIZE = 'image_size'
 PRED_NUM_SEGMENTS = 'num_segments'
 PRED_SEGMENT_IDS = 'segment_ids'

@@ -18,9 +18,9 @@ writes into `O/<version>/` (TF Serving's versioned layout):
 plus `assets.extra/dataset_descriptor.textproto` (the label space) and, with the SavedModel,
 `assets.extra/tf_serving_warmup_requests`: TF Serving's warm-up file (TFRecord of PredictionLog
 records, two PredictRequests per signature at the export's batch size, deterministic gradient
-images; serving_warmup.py), which TF Serving runs at load time so the first request is fast. deeplab2_kmax.predict --model= runs any of them
-(export/runtimes.py). The SavedModel has the tag `serve` and these signatures (ONNX and LiteRT
-have serving_default only):
+images; serving_warmup.py), which TF Serving runs at load time so the first request is fast.
+deeplab2_kmax.predict --model= runs any of them (export/runtimes.py). The SavedModel has the
+tag `serve` and these signatures (ONNX and LiteRT have serving_default only):
 
 | signature       | input                                           | name          |
 |-----------------|-------------------------------------------------|---------------|

@@ -123,7 +123,8 @@ def main(argv):
         detail = (f'signatures {", ".join(serving_lib.INPUT_TYPES[t] for t in input_types)}; '
                   f'batch {batch_size or "dynamic"}; {precisions[name]}')
       elif name == 'onnx':
-        path = onnx_format.write(module, directory, saved_model_lib.descriptor_text(module.descriptor),
+        path = onnx_format.write(module, directory,
+                                 saved_model_lib.descriptor_text(module.descriptor),
                                  opset=values.onnx_opset)
         detail = f'opset {values.onnx_opset}; batch {batch_size or "dynamic"}; float32'
       else:

@@ -115,4 +115,12 @@ def write(module: serving_lib.ServingModule, directory: str, descriptor_text: st
   tf.io.gfile.makedirs(directory)
   path = os.path.join(directory, ONNX_FILE)
   onnx.save(model_proto, path)
+  # tf2onnx logs an op it cannot convert and leaves it in the graph under its TF name; the
+  # checker refuses such a graph here rather than ONNX Runtime at the user's first load.
+  try:
+    onnx.checker.check_model(path)
+  except onnx.checker.ValidationError as error:
+    first = str(error).strip().splitlines()[0][:400]
+    raise ValueError(f'{path}: the converted ONNX graph is invalid ({first}); an op of the '
+                     'serving graph has no ONNX conversion.') from None
   return path

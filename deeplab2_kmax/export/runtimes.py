@@ -110,7 +110,8 @@ class LiteRTRuntime:
 
   def __init__(self, path: str, num_threads: Optional[int] = None):
     try:
-      from ai_edge_litert import interpreter as interpreter_lib  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from ai_edge_litert import interpreter as interpreter_lib
     except ImportError:  # TF's copy, deprecated but present in TF 2.20
       interpreter_lib = tf.lite
     self.path = path

@@ -28,9 +28,11 @@ from tests.export.conftest import sharpen_max_head
 
 pytest.importorskip('onnxruntime', reason='the [onnx] extra is not installed '
                     '(pip install -e ".[test]")')
-pytest.importorskip('tf2onnx', reason='the [onnx] extra is not installed (pip install -e ".[test]")')
+pytest.importorskip('tf2onnx', reason='the [onnx] extra is not installed '
+                    '(pip install -e ".[test]")')
 
-AXIAL_R50_CONFIG = REPO_ROOT / 'configs' / 'coco' / 'kmax_deeplab' / 'kmax_meta_axial_r50_os32.textproto'
+AXIAL_R50_CONFIG = (REPO_ROOT / 'configs' / 'coco' / 'kmax_deeplab' /
+                    'kmax_meta_axial_r50_os32.textproto')
 CROP_65 = '''
 model_options { initial_checkpoint: "" }
 train_dataset_options { crop_size: [65, 65] min_resize_value: 65 max_resize_value: 65 }

@@ -22,7 +22,8 @@ from tests.export.conftest import sample_images
 
 pytest.importorskip('onnxruntime', reason='the [onnx] extra is not installed '
                     '(pip install -e ".[test]")')
-pytest.importorskip('tf2onnx', reason='the [onnx] extra is not installed (pip install -e ".[test]")')
+pytest.importorskip('tf2onnx', reason='the [onnx] extra is not installed '
+                    '(pip install -e ".[test]")')
 
 FILE_FORMATS = ('onnx', 'litert')
 ID_KEYS = (common.PRED_PANOPTIC, common.PRED_SEMANTIC, common.PRED_INSTANCE)
@@ -129,3 +130,22 @@ def test_format_flag_is_checked_and_ordered_saved_model_first():
     cli.parse_formats(['onnx', 'tflite'])
   with pytest.raises(ValueError, match='nothing is not a format'):
     cli.parse_formats([])
+
+
+def test_litert_float16_weights_halve_the_file_and_keep_the_predictions(exported, runtimes,
+                                                                         tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import litert_format  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.export import runtimes as runtimes_lib  # pylint: disable=g-import-not-at-top
+  path = litert_format.write(exported.module, str(tmp_path), weights='float16')
+  size16, size32 = os.path.getsize(path), os.path.getsize(runtimes['litert'].path)
+  assert size16 < 0.6 * size32, (size16, size32)
+  half = runtimes_lib.LiteRTRuntime(path)
+  for seed, shape in enumerate(IMAGE_SHAPES[:2]):
+    images = sample_images(seed, (1,) + shape)
+    want = runtimes['saved_model'](images)[common.PRED_PANOPTIC]
+    got = half(images)[common.PRED_PANOPTIC]
+    # float16 weights move logits by ~1e-3 relative: a few boundary pixels may flip.
+    assert np.mean(got == want) >= 0.99, (shape, np.mean(got == want))
+  with pytest.raises(ValueError, match='--litert_weights "int8" is unknown'):
+    litert_format.write(exported.module, str(tmp_path), weights='int8')

@@ -27,8 +27,10 @@ def _region_size(region_ids: tf.Tensor, num_regions: int) -> tf.Tensor:
   # One segment sum over the batch, each image's regions offset by num_regions: a constant
   # number of segments per image, which XLA compiles (tf.math.bincount sizes its output from
   # the data), and an op that ONNX and LiteRT's builtins have (DenseBincount is neither).
-  offsets = tf.range(batch)[:, tf.newaxis] * num_regions
-  counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), flat + offsets, batch * num_regions)
+  # Rank-1 segment ids: tf2onnx converts segment sums of rank-1 ids only.
+  segment_ids = tf.reshape(flat + tf.range(batch)[:, tf.newaxis] * num_regions, [-1])
+  counts = tf.math.unsorted_segment_sum(tf.ones_like(segment_ids), segment_ids,
+                                        batch * num_regions)
   counts = tf.reshape(counts, [batch, num_regions])
   return tf.reshape(tf.gather(counts, flat, batch_dims=1), tf.shape(region_ids))
 
