@@ -19,46 +19,12 @@ plus `assets.extra/dataset_descriptor.textproto` (the label space) and, with the
 `assets.extra/tf_serving_warmup_requests`: TF Serving's warm-up file (TFRecord of PredictionLog
 records, two PredictRequests per signature at the export's batch size, deterministic gradient
 images; serving_warmup.py), which TF Serving runs at load time so the first request is fast.
-deeplab2_kmax.predict --model= runs any of them (export/runtimes.py). The SavedModel has the
-tag `serve` and these signatures (ONNX and LiteRT have serving_default only):
+deeplab2_kmax.predict --model= runs any of them (export/runtimes.py).
 
-| signature       | input                                           | name          |
-|-----------------|-------------------------------------------------|---------------|
-| serving_default | uint8 [batch, height, width, 3] (any h, w > 0)  | `images`      |
-| image_bytes     | string [batch], JPEG or PNG bytes (any sizes)   | `image_bytes` |
-| tf_example      | string [batch], serialized tf.Example with      | `examples`    |
-|                 | DeepLab2's keys (image/encoded, ...)            |               |
-
-Each image goes through the evaluation preprocessing (resize to range, pad bottom/right to the
-eval crop), the model and the post-processor; the predictions are cropped back and resized to
-the image's own size. Outputs, for a batch whose largest image is H x W (smaller images are
-padded: void label, instance 0, score 0):
-
-| output           | dtype / shape                 | meaning                                  |
-|------------------|-------------------------------|------------------------------------------|
-| panoptic_pred    | int32 [batch, H, W]           | semantic * label_divisor + instance      |
-| semantic_pred    | int32 [batch, H, W]           | class of each pixel's best mask          |
-| instance_pred    | int32 [batch, H, W]           | mask slot + 1 of kept pixels, 0 elsewhere |
-| instance_scores  | float32 [batch, H, W]         | confidence of each pixel's instance      |
-| semantic_scores  | float32 [batch, H, W]         | confidence of each pixel's class         |
-| image_size       | int32 [batch, 2]              | (height, width) of each image            |
-| num_segments     | int32 [batch]                 | segments (non-void panoptic ids) found   |
-| segment_ids      | int32 [batch, S]              | panoptic id of each segment, ascending;  |
-|                  |                               | -1 padding (S = the model's mask slots)  |
-| segment_classes  | int32 [batch, S]              | class of each segment; -1 padding        |
-| segment_scores   | float32 [batch, S]            | mean instance score over its pixels      |
-| segment_areas    | int32 [batch, S]              | pixels of each segment; 0 padding        |
-
-`assets.extra/dataset_descriptor.textproto` holds the label space (class names, colours,
-label divisor) for clients.
-
-With export_options.include_raw_outputs the model's raw outputs at the eval crop are added
-(`pixel_space_mask_logits`, `transformer_class_logits`, `semantic_logits`, ...).
-
-Bad inputs (a zero-size image, empty or undecodable bytes) fail the request with an
-InvalidArgumentError naming the problem; a wrong dtype or rank is refused by the signature.
-`build_serving_module` only needs a Keras model returning `pixel_space_mask_logits` and
-`transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
+The SavedModel has the tag `serve` and the signatures serving_default (uint8 images),
+image_bytes and tf_example; ONNX and LiteRT have serving_default only. The inputs, the outputs
+(panoptic, semantic and instance maps at each image's size, scores, per-segment arrays) and the
+handling of bad inputs are tabled in serving_module.py's docstring.
 
 Modules: serving_module (the graph), saved_model, onnx_format, litert_format (the writers),
 serving_warmup (TF Serving's warm-up requests), runtimes (loading any format), cli (the command

@@ -6,7 +6,7 @@ kmax_meta_axial_r50_os32.textproto, DeepLab2's kmax_maxs_gelu_coco) at crop 65, 
 attention with its relative-position gathers (in the encoder and the pixel decoder), the part of
 DeepLab2's models that ONNX converters failed on (deeplab2 #147), goes through ONNX and LiteRT.
 Its random weights are written in DeepLab2's checkpoint layout (what DeepLab2 publishes),
-converted with `python -m deeplab2_kmax.model_zoo convert`, and exported with
+converted as `python -m deeplab2_kmax.model_zoo convert` does, and exported with
 `python -m deeplab2_kmax.export --format=saved_model,onnx,litert`, as a user would.
 
 Two sizes: at 1/16 width (tests/export/conftest.py's TINY_OVERRIDE) in CI, about a minute; at
@@ -59,6 +59,7 @@ TINY_MODEL = TINY_OVERRIDE[:TINY_OVERRIDE.index('train_dataset_options')]
 @pytest.fixture(scope='module', params=['tiny', pytest.param('full', marks=pytest.mark.slow)])
 def converted_export(request, tmp_path_factory):
   import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.config import loader  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.export import runtimes  # pylint: disable=g-import-not-at-top
@@ -77,14 +78,18 @@ def converted_export(request, tmp_path_factory):
   sharpen_max_head(model)
   deeplab2_checkpoint = convert.write_deeplab2_checkpoint(convert.to_deeplab2(model),
                                                           str(root / 'deeplab2' / 'ckpt'))
-  ours = root / 'ours' / 'ckpt'
-  convert_log = _run(['deeplab2_kmax.model_zoo', 'convert', f'--from={deeplab2_checkpoint}',
-                      f'--config_file={config_file}', f'--output={ours}'])
+  # What `python -m deeplab2_kmax.model_zoo convert --from=... --output=...` runs (its command
+  # line is tested in tests/model/test_deeplab2_conversion.py), in process: a subprocess would
+  # build the model again.
+  report = convert.from_deeplab2(tf.train.load_checkpoint(deeplab2_checkpoint), model,
+                                 source=deeplab2_checkpoint)
+  report.check()
+  ours = convert.write_our_checkpoint(report.values, str(root / 'ours' / 'ckpt'))
   export_log = _run(['deeplab2_kmax.export', f'--config_file={config_file}',
                      f'--checkpoint_path={ours}', f'--output_path={root / "serving"}',
                      '--format=saved_model,onnx,litert'])
   directory = root / 'serving' / '1'
-  return {'model': model, 'convert_log': convert_log, 'export_log': export_log,
+  return {'model': model, 'export_log': export_log,
           'saved_model': runtimes.load(str(root / 'serving')),
           'onnx': runtimes.load(str(directory / 'model.onnx')),
           'litert': runtimes.load(str(directory / 'model.tflite'))}

