@@ -6,19 +6,18 @@ post-processor and the per-segment arrays, so a client sends uint8 [batch, heigh
 (`images`, any height and width) and gets the outputs of serving_module's table, by name. There
 is no image decoder in ONNX: the image_bytes and tf_example signatures are SavedModel-only.
 
-Three TF ops need our own conversion (passed to tf2onnx as custom handlers, nothing is patched):
+Two TF ops need our own conversion (passed to tf2onnx as custom handlers, nothing is patched):
 - `Erfc` (exact GELU, as DeepLab2 computes it) has no ONNX op: it becomes `1 - Erf(x)`.
 - `ResizeBilinear` / `ResizeNearestNeighbor` to a static size: tf2onnx writes their target as
   `scales = new / old` in float32, and ONNX sizes the output as floor(old * scales), which for
   3 -> 5 gives 4 (0.99999994 short of 5); the model then fails to load. We give ONNX the
   output `sizes` instead. Dynamic-size resizes keep tf2onnx's own conversion.
-- `GatherV2` with one index per batch row along a later axis (`tf.gather(x, i, axis=3,
-  batch_dims=1)` with i of shape [batch]; the mask-wise post-processor takes each image's slot
-  mask out of the [batch, H, W, slots] masks so, once per slot inside its loop): tf2onnx
-  transposes the whole of x to put the axis first for GatherND, on every call and every loop
-  step (ONNX Runtime does not hoist it out of the loop), 128 transposes of 641 x 641 x 128 per
-  image, 10 s of a 17 s call of kMaX-R50 on 2 cores. We write GatherElements on the expanded
-  indices instead, which reads only the picked elements. Other gathers keep tf2onnx's conversion.
+
+A note for new post-processing code: tf2onnx converts `tf.gather(x, i, axis=k, batch_dims=1)`
+with k > 1 by transposing the whole of x to put axis k first, on every call (and, inside a
+loop, on every step: ONNX Runtime does not hoist it). The mask-wise post-processor therefore
+keeps its masks slots-first ([batch, slots, H, W]) and picks with axis=1; with the strided pick
+a 641x641 kMaX-R50 call spent 10 s of 17 s in those transposes (docs/benchmarks.md).
 
 The dataset descriptor (label space) is stored in the model's metadata_props under
 METADATA_DESCRIPTOR, so a .onnx file describes its classes on its own.
@@ -89,48 +88,7 @@ def _convert_resize(ctx, node, name, args):
                 outputs=node.output, shapes=shapes, dtypes=dtypes)
 
 
-def _convert_gather(ctx, node, name, args):
-  """tf2onnx handler: GatherV2 of one index per batch row as GatherElements (module doc)."""
-  del name, args
-  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
-  from tf2onnx import utils  # pylint: disable=g-import-not-at-top
-  from tf2onnx.graph_builder import GraphBuilder  # pylint: disable=g-import-not-at-top
-  from tf2onnx.onnx_opset import tensor  # pylint: disable=g-import-not-at-top
-  data, indices, _ = node.input
-  data_rank, indices_rank = ctx.get_rank(data), ctx.get_rank(indices)
-  batch_dims = node.get_attr_value('batch_dims', 0)
-  if indices_rank is not None and batch_dims < 0:
-    batch_dims += indices_rank
-  axis = node.inputs[2].get_tensor_value() if node.inputs[2].is_const() else None
-  if axis is not None and data_rank is not None and axis < 0:
-    axis += data_rank
-  if (axis is None or data_rank is None or batch_dims == 0 or indices_rank != batch_dims
-      or axis <= batch_dims):
-    return tensor.GatherV2.version_12(ctx, node)
-  builder = GraphBuilder(ctx)
-  const = lambda prefix, value: ctx.make_const(utils.make_name(prefix), value).output[0]
-  if ctx.get_dtype(indices) != TensorProto.INT64:
-    indices = ctx.make_node('Cast', [indices], attr={'to': TensorProto.INT64}).output[0]
-  # indices [batch...] -> [batch..., 1, ...] -> data's shape with 1 at `axis`.
-  unsqueezed = builder.make_unsqueeze({'data': indices,
-                                       'axes': list(range(batch_dims, data_rank))})
-  shape = ctx.make_node('Shape', [data]).output[0]
-  before = ctx.make_node('Slice', [shape, const('start', np.array([0])),
-                                   const('end', np.array([axis]))]).output[0]
-  after = ctx.make_node('Slice', [shape, const('start', np.array([axis + 1])),
-                                  const('end', np.array([data_rank]))]).output[0]
-  target = ctx.make_node('Concat', [before, const('one', np.array([1])), after],
-                         {'axis': 0}).output[0]
-  expanded = ctx.make_node('Expand', [unsqueezed, target]).output[0]
-  gathered = ctx.make_node('GatherElements', [data, expanded], {'axis': axis}).output[0]
-  shapes, dtypes = node.output_shapes, node.output_dtypes
-  ctx.remove_node(node.name)
-  builder.make_squeeze({'data': gathered, 'axes': [axis], 'outputs': node.output},
-                       name=node.name, shapes=shapes, dtypes=dtypes)
-
-
 _CUSTOM_HANDLERS = {'Erfc': (_convert_erfc, []),
-                    'GatherV2': (_convert_gather, []),
                     'ResizeBilinear': (_convert_resize, []),
                     'ResizeNearestNeighbor': (_convert_resize, [])}
 
