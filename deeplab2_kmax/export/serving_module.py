@@ -278,9 +278,11 @@ class ServingModule(tf.Module):
     """Model + post-processing + segments of a preprocessed batch (preprocess_batch's dict)."""
     check = tf.debugging.assert_positive(tf.shape(batch[common.IMAGE])[0],
                                          message='the batch holds no image')
+    # Every input through the check: ops that read only the sizes (the post-processor's
+    # resize back) would otherwise race it and fail first with their own message.
     with tf.control_dependencies([check]):
-      images = tf.identity(batch[common.IMAGE])
-    outputs = self.model(images, training=False)
+      batch = {key: tf.identity(value) for key, value in batch.items()}
+    outputs = self.model(batch[common.IMAGE], training=False)
     # Under a bfloat16 policy the post-processor and clients still get float32.
     outputs = {key: tf.cast(value, tf.float32) if value.dtype.is_floating else value
                for key, value in outputs.items()}
