@@ -119,6 +119,9 @@ def test_one_step_matches_float32(reference, tmp_path, mode):
     assert trainer.last_logs['loss_scale'] == 2.0 ** 12
 
 
+# Over a minute on 2 cores; tests/trainer/test_loss_scale.py covers the skipped overflowing
+# step and the halved scale in CI.
+@pytest.mark.slow
 def test_float16_loss_scale_unscales_gradients_and_skips_overflowing_steps(tiny, tmp_path):
   experiment = _experiment(tiny, tmp_path, 'mixed_float16')
   trainer = experiment.trainer
@@ -152,6 +155,9 @@ def test_float16_loss_scale_unscales_gradients_and_skips_overflowing_steps(tiny,
   assert int(trainer.good_steps.numpy()) == 1
 
 
+# XLA is opt-in (trainer_options.jit_compile) and compiling the gradient takes over a minute
+# on 2 cores.
+@pytest.mark.slow
 def test_xla_train_step_gradients_equal_graph_mode(tiny, tmp_path):
   """jit_compile changes only float32 summation order: the same step's loss terms and
   gradients as graph mode, with the instance-discrimination loss sampling 64 of its 81 pixels
