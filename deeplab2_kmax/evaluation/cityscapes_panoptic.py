@@ -44,8 +44,8 @@ def is_available() -> bool:
 def to_results_contract(official: dict[str, Any]) -> dict[str, Any]:
   """cityscapesScripts' results dict -> our output contract (string category keys).
 
-  Unlike panoptic_quality, the official per_class also lists categories absent from both
-  sides (all zeros); they cannot be told from evaluated categories scoring 0, so they are kept.
+  The official per_class, like panoptic_quality's, also lists categories absent from both
+  sides (all zeros).
   """
   # The official keys are the strings of our contract (common.PQ_*).
   results = {name: {key: official[name][key]

@@ -8,7 +8,8 @@
 Prints the official table (values x 100) and writes `--output_json` as
 `{"All": {"pq", "sq", "rq", "n"}, "Things": {...}, "Stuff": {...},
   "per_class": {"<category_id>": {"pq", "sq", "rq"}}}` with fractions in [0, 1]; per_class lists
-the categories with TP + FP + FN > 0 (those averaged). Works for Cityscapes panoptic files too
+every category of the GT JSON, as pq_compute does (zeros for one with no TP, FP or FN, which
+the averages and n leave out). Works for Cityscapes panoptic files too
 (the same format). Exits 1 with one line naming the file, image and segment when an input is
 malformed.
 """
