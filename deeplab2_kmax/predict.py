@@ -266,7 +266,7 @@ def make_predictor(model: Optional[str], config_file: Optional[str],
     return Predictor.from_model(model)
   if not (config_file and checkpoint_path):
     raise app.UsageError('--config_file and --checkpoint_path go together.')
-  return Predictor.from_checkpoint(config_flags.load_from_flags(), checkpoint_path)
+  return Predictor.from_checkpoint(config_flags.load_from_flags(inference=True), checkpoint_path)
 
 
 def main(argv):

@@ -104,7 +104,7 @@ def main(argv):
   try:
     formats = parse_formats(values.format)
     precisions = format_precisions(formats, values.precision)
-    config = config_flags.load_from_flags()
+    config = config_flags.load_from_flags(inference=True)
     options = config.export_options
     batch_size = parse_batch_size(values.batch_size, options.batch_size)
     input_types = values.input_type or list(options.input_type) or list(serving_lib.INPUT_TYPES)
