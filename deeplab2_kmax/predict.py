@@ -32,6 +32,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import export as export_lib
@@ -294,4 +295,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -32,10 +32,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import coco_format as cf
 
 
@@ -363,4 +363,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

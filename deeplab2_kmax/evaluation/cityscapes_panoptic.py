@@ -25,6 +25,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 
 _INSTALL_HINT = ('the official Cityscapes evaluation needs the optional package '
@@ -108,4 +109,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  command_line.run(main)

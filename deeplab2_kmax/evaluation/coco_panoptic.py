@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.evaluation import panoptic_quality
 from deeplab2_kmax.evaluation.formats import PanopticFormatError
 
@@ -131,8 +132,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # TensorFlow only decodes PNGs here; its C++ start-up logs (CUDA probing) would bury the
-  # table and the one-line errors. Set before any import of TensorFlow, inherited by workers.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.config import flags as config_flags
@@ -143,4 +144,4 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  command_line.run(main)
