@@ -17,6 +17,7 @@ import time
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.run(main)

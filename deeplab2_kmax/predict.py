@@ -32,6 +32,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import export as export_lib
@@ -266,7 +267,7 @@ def make_predictor(model: Optional[str], config_file: Optional[str],
     return Predictor.from_model(model)
   if not (config_file and checkpoint_path):
     raise app.UsageError('--config_file and --checkpoint_path go together.')
-  return Predictor.from_checkpoint(config_flags.load_from_flags(), checkpoint_path)
+  return Predictor.from_checkpoint(config_flags.load_from_flags(inference=True), checkpoint_path)
 
 
 def main(argv):
@@ -294,4 +295,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -13,6 +13,7 @@ import sys
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.config import flags as config_flags
 
 config_flags.define_config_flags()
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.run(main)

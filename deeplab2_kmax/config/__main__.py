@@ -1,6 +1,7 @@
 """Prints the effective experiment config after ${VAR} substitution, overrides and validation.
 
-    python -m deeplab2_kmax.config --config_file=configs/synthetic/kmax_r50_tiny.textproto \
+    SYNTHETIC_DATA_DIR=runs/demo/data python -m deeplab2_kmax.config \
+        --config_file=configs/synthetic/kmax_r50_os32_synthetic.textproto \
         --config_override='train_dataset_options { batch_size: 4 }'
 
 Exits 0 and prints the config as textproto, or exits 1 with one message naming file:line and
@@ -13,6 +14,7 @@ from absl import app
 from absl import flags
 from google.protobuf import text_format
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.config import loader
 
@@ -34,4 +36,4 @@ def main(argv):
 
 if __name__ == '__main__':
   config_flags.define_config_flags()
-  app.run(main)
+  command_line.run(main)

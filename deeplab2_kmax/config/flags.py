@@ -16,7 +16,15 @@ def define_config_flags(required: bool = True):
       'in order; a repeated field given here replaces the file\'s list.')
 
 
-def load_from_flags(num_replicas: int = 1, validate: bool = True):
-  """Loads the config named by the flags; raises loader.ConfigError."""
+def load_from_flags(num_replicas: int = 1, validate: bool = True, inference: bool = False):
+  """Loads the config named by the flags; raises loader.ConfigError.
+
+  Args:
+    inference: the command only builds the model and runs it (export, predict): an unset
+      ${VAR} in what it does not read (data files, initial checkpoint:
+      loader.INFERENCE_UNREAD_FIELDS) is no error.
+  """
+  unread_fields = loader.INFERENCE_UNREAD_FIELDS if inference else ()
   return loader.load_config(flags.FLAGS.config_file, flags.FLAGS.config_override,
-                            validate=validate, num_replicas=num_replicas)
+                            validate=validate, num_replicas=num_replicas,
+                            unread_fields=unread_fields)

@@ -21,9 +21,9 @@ label 255), plus O/dataset_options.textproto (`dataset: "cityscapes_panoptic"`).
 import dataclasses
 import os
 
-from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import coco_format
 from deeplab2_kmax.data import conversion
 from deeplab2_kmax.data import datasets
@@ -108,4 +108,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

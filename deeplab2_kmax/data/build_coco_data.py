@@ -17,9 +17,9 @@ the contiguous train ids of the built-in `coco_panoptic` descriptor (1..133, 0 =
 
 import os
 
-from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import coco_format
 from deeplab2_kmax.data import conversion
 from deeplab2_kmax.data import datasets
@@ -79,4 +79,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

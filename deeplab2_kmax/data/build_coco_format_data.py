@@ -20,10 +20,10 @@ categories adds its size to the same file. Run `python -m deeplab2_kmax.data.val
 
 import os
 
-from absl import app
 from absl import flags
 from google.protobuf import text_format
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import coco_format
 from deeplab2_kmax.data import conversion
 from deeplab2_kmax.data import datasets
@@ -162,4 +162,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

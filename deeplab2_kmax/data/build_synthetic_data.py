@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import class_tables
 from deeplab2_kmax.data import png_encoding
 from deeplab2_kmax.data import synthetic_scenes
@@ -199,4 +200,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -146,17 +146,31 @@ def decode_example(serialized: tf.Tensor, decode_groundtruth_label: bool = True
   return result
 
 
+def unreadable_shard_text(records_read: int) -> str:
+  """What a reader error after `records_read` good records of a shard means, in place of
+  TensorFlow's message (a truncated or altered shard fails the length or CRC check of the
+  next record)."""
+  if records_read == 0:
+    return 'corrupted or truncated at its first record (0 records read fine)'
+  plural = 's' if records_read != 1 else ''
+  return (f'corrupted or truncated after record {records_read} ({records_read} '
+          f'record{plural} read fine)')
+
+
 def diagnose_files(files: Iterable[str], decode_images: bool = True) -> Optional[str]:
   """Scans TFRecord files on the host for the first unreadable record or image.
 
   Called after the input pipeline failed with a TensorFlow error that does not say which file
-  was at fault. Returns a message naming the file, record index and problem, or None.
+  was at fault. Returns a message naming the file, record number (1-based) and problem, or
+  None.
   """
   for path in files:
-    index = -1
+    records_read = 0
     try:
       for index, record in enumerate(tf.data.TFRecordDataset(path)):
+        records_read = index
         if not decode_images:
+          records_read = index + 1
           continue
         parsed = parse_features(record)
         name = parsed[common.KEY_IMAGE_FILENAME].numpy().decode('utf-8', 'replace')
@@ -164,13 +178,14 @@ def diagnose_files(files: Iterable[str], decode_images: bool = True) -> Optional
           tf.io.decode_image(parsed[common.KEY_ENCODED_IMAGE], channels=3,
                              expand_animations=False)
         except tf.errors.InvalidArgumentError as error:
-          return (f'{path}: record {index} (image "{name}"): the image cannot be decoded '
+          return (f'{path}: record {index + 1} (image "{name}"): the image cannot be decoded '
                   f'({_op_error_text(error)})')
-    except tf.errors.DataLossError as error:
-      return (f'{path}: corrupted TFRecord after record {index} ({_op_error_text(error)}); '
-              're-create this shard')
+        records_read = index + 1
+    except tf.errors.DataLossError:
+      return f'{path}: {unreadable_shard_text(records_read)}; re-create this shard'
     except tf.errors.InvalidArgumentError as error:
-      return f'{path}: record {index + 1} is not a valid tf.train.Example ({_op_error_text(error)})'
+      return (f'{path}: record {records_read + 1} is not a valid tf.train.Example '
+              f'({_op_error_text(error)})')
   return None
 
 

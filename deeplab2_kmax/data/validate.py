@@ -32,10 +32,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.data import coco_format as cf
 
 
@@ -205,13 +205,13 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
-  where = f'{file} record {index}'
+  where = f'{file} record {index + 1}'
   try:
     parsed = tfrecord.parse_features(record)
   except tf.errors.OpError:
     return where, False, [cf.Defect(cf.UNREADABLE_FILE, where, 'not a tf.train.Example')], None
   name = parsed[common.KEY_IMAGE_FILENAME].numpy().decode('utf-8', 'replace')
-  where = f'{file} record {index} ("{name}")'
+  where = f'{file} record {index + 1} ("{name}")'
   defects = []
   try:
     image = tf.io.decode_image(parsed[common.KEY_ENCODED_IMAGE], channels=3,
@@ -273,11 +273,13 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
 
 def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
   report = Report(title)
   for file in files:
-    index = -1
+    records_read = 0
     try:
       for index, record in enumerate(tf.data.TFRecordDataset(file)):
+        records_read = index + 1
         name, labelled, defects, stats = _record_defects(file, index, record, descriptor)
         report.num_images += 1
         report.num_labelled += labelled
@@ -288,10 +290,9 @@ def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
           report.stuff += stats.stuff
           report.crowd += stats.crowd
           report.max_things_per_image = max(report.max_things_per_image, stats.things)
-    except tf.errors.OpError as error:
+    except tf.errors.OpError:
       report.add(file, [cf.Defect(cf.UNREADABLE_FILE, file,
-                                  f'corrupted TFRecord after record {index} '
-                                  f'({error.message.splitlines()[0]})')])
+                                  tfrecord.unreadable_shard_text(records_read))])
   return report
 
 
@@ -362,4 +363,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 
 _INSTALL_HINT = ('the official Cityscapes evaluation needs the optional package '
@@ -44,8 +45,8 @@ def is_available() -> bool:
 def to_results_contract(official: dict[str, Any]) -> dict[str, Any]:
   """cityscapesScripts' results dict -> our output contract (string category keys).
 
-  Unlike panoptic_quality, the official per_class also lists categories absent from both
-  sides (all zeros); they cannot be told from evaluated categories scoring 0, so they are kept.
+  The official per_class, like panoptic_quality's, also lists categories absent from both
+  sides (all zeros).
   """
   # The official keys are the strings of our contract (common.PQ_*).
   results = {name: {key: official[name][key]
@@ -108,4 +109,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -8,7 +8,8 @@
 Prints the official table (values x 100) and writes `--output_json` as
 `{"All": {"pq", "sq", "rq", "n"}, "Things": {...}, "Stuff": {...},
   "per_class": {"<category_id>": {"pq", "sq", "rq"}}}` with fractions in [0, 1]; per_class lists
-the categories with TP + FP + FN > 0 (those averaged). Works for Cityscapes panoptic files too
+every category of the GT JSON, as pq_compute does (zeros for one with no TP, FP or FN, which
+the averages and n leave out). Works for Cityscapes panoptic files too
 (the same format). Exits 1 with one line naming the file, image and segment when an input is
 malformed.
 """
@@ -22,6 +23,7 @@ from typing import Any, Mapping, Optional
 from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.evaluation import panoptic_quality
 from deeplab2_kmax.evaluation.formats import PanopticFormatError
 
@@ -130,8 +132,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # TensorFlow only decodes PNGs here; its C++ start-up logs (CUDA probing) would bury the
-  # table and the one-line errors. Set before any import of TensorFlow, inherited by workers.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -20,7 +20,9 @@ module reproduces their rules exactly, including the ones that surprise users:
   the remembered crowd segment of its own category.
 * Per category PQ = sum IoU / (TP + FP/2 + FN/2), SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2),
   accumulated over the whole dataset first; All / Things / Stuff average the categories with
-  TP + FP + FN > 0, in the order the categories are listed.
+  TP + FP + FN > 0, in the order the categories are listed. The per-class results list every
+  GT category, as pq_compute's do: one absent from both sides gets PQ = SQ = RQ = 0 without
+  counting in n.
 
 As in the official scripts, GT pixels whose id is not listed in the GT JSON are neither VOID
 nor a segment (they only enlarge predictions' areas), and predicted `area`/`iscrowd` fields are
@@ -100,7 +102,8 @@ class PanopticStatistics:
       isthing: None for all categories, True for things, False for stuff.
 
     Returns:
-      `{'pq', 'sq', 'rq', 'n'}` and, per evaluated category, `{'pq', 'sq', 'rq'}`.
+      `{'pq', 'sq', 'rq', 'n'}` and, per category of `categories` passing the isthing filter,
+      `{'pq', 'sq', 'rq'}` (zeros for a category with no TP, FP or FN, which n leaves out).
     """
     pq = sq = rq = 0.0
     n = 0
@@ -110,7 +113,9 @@ class PanopticStatistics:
         continue
       stats = self.per_category.get(category, CategoryStatistics())
       if stats.tp + stats.fp + stats.fn == 0:
-        continue  # Absent from GT and prediction: not averaged as 0.
+        # Absent from GT and prediction: listed with zeros (as pq_compute does), not averaged.
+        per_class[category] = {PQ: 0.0, SQ: 0.0, RQ: 0.0}
+        continue
       n += 1
       denominator = stats.tp + 0.5 * stats.fp + 0.5 * stats.fn
       pq_class = stats.iou / denominator
@@ -129,8 +134,9 @@ class PanopticStatistics:
 
     Returns:
       `{'All': {pq, sq, rq, n}, 'Things': {...}, 'Stuff': {...},
-        'per_class': {'<category id>': {pq, sq, rq}}}` (per_class lists evaluated categories
-      only, keyed by the category id as a string so that the dict is JSON as is).
+        'per_class': {'<category id>': {pq, sq, rq}}}` (per_class lists every category of
+      `categories`, zeros for one absent from both sides, keyed by the category id as a string
+      so that the dict is JSON as is).
     """
     results = {}
     for name, isthing in ((ALL, None), (THINGS, True), (STUFF, False)):

@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.config import flags as config_flags
@@ -104,7 +105,7 @@ def main(argv):
   try:
     formats = parse_formats(values.format)
     precisions = format_precisions(formats, values.precision)
-    config = config_flags.load_from_flags()
+    config = config_flags.load_from_flags(inference=True)
     options = config.export_options
     batch_size = parse_batch_size(values.batch_size, options.batch_size)
     input_types = values.input_type or list(options.input_type) or list(serving_lib.INPUT_TYPES)
@@ -143,4 +144,4 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  command_line.run(main)

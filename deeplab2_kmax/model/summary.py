@@ -12,9 +12,9 @@ import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 
+from deeplab2_kmax import command_line
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.config import loader
 from deeplab2_kmax.model import builder
@@ -97,4 +97,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

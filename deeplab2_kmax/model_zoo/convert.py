@@ -68,27 +68,37 @@ class ConversionReport:
   def problems(self) -> list:
     return [key for key in self.unmapped if key not in set(self.allowed)]
 
-  def summary(self) -> str:
-    lines = [f'[convert] {self.source}: assigned {len(self.values)} variables, '
-             f'{len(self.unmapped)} unassigned ({len(self.allowed)} allowed), '
-             f'{len(self.unused)} source variables unused, {len(self.mismatched)} shape '
-             'mismatches']
-    lines += [f'  shape     {key} {list(shape)} -> {ours} {list(our_shape)}'
-              for key, shape, ours, our_shape in self.mismatched]
-    lines += [f'  allowed   {key}' for key in self.allowed]
-    lines += [f'  unmapped  {key}' for key in self.problems]
-    lines += [f'  unused    {key}' for key in self.unused]
-    return '\n'.join(lines)
+  def counts(self) -> str:
+    return (f'assigned {len(self.values)} variables, {len(self.unmapped)} unassigned '
+            f'({len(self.allowed)} allowed), {len(self.unused)} source variables unused, '
+            f'{len(self.mismatched)} shape mismatches')
+
+  def _rows(self) -> list:
+    """(kind, text) of every variable that did not simply map: problems first."""
+    mismatched = {ours for _, _, ours, _ in self.mismatched}
+    return ([('shape', f'{key} {list(shape)} -> {ours} {list(our_shape)}')
+             for key, shape, ours, our_shape in self.mismatched]
+            + [('unmapped', key) for key in self.problems if key not in mismatched]
+            + [('unused', key) for key in self.unused]
+            + [('allowed', key) for key in self.allowed])
+
+  def summary(self, limit: int = 5, listing_path: Optional[str] = None) -> str:
+    """The counts, the first `limit` variables of each kind and, given `listing_path`, a text
+    file there listing them all."""
+    return checkpoints.format_variable_report(f'[convert] {self.source}: {self.counts()}',
+                                              self._rows(), limit=limit,
+                                              listing_path=listing_path)
 
   def check(self) -> None:
-    """Raises ConversionError unless every model variable not allowed got a value."""
+    """Raises ConversionError unless every model variable not allowed got a value; its
+    message has the counts, the first few variables of each kind and a temp file listing
+    them all."""
     if self.problems:
-      raise ConversionError(
-          f'{self.source}: {len(self.problems)} model variables get no value (first: '
-          f'{self.problems[:5]}); {len(self.mismatched)} shape mismatches, {len(self.unused)} '
-          'unused source variables. Is the config the one the checkpoint was trained with? '
-          'When fine-tuning to other classes allow the class-dependent last layers '
-          '(--allow_class_mismatch).\n' + self.summary())
+      raise ConversionError(checkpoints.format_variable_report(
+          f'{self.source}: {len(self.problems)} model variables get no value ({self.counts()}). '
+          'Is the config the one the checkpoint was trained with? When fine-tuning to other '
+          'classes allow the class-dependent last layers (--allow_class_mismatch).',
+          self._rows(), listing_name='conversion'))
 
 
 def our_variable_keys(model) -> dict:

@@ -16,6 +16,7 @@ checkpoint as the latest one.
 """
 
 import os
+import tempfile
 from typing import Callable, Optional
 
 from absl import logging
@@ -58,6 +59,10 @@ def restore_model_weights(model, path: str) -> None:
     CheckpointMismatchError: naming the checkpoint, when a variable is missing or has another
       shape.
   """
+  mismatch = CheckpointMismatchError.compare(
+      model_items(model), path, 'use the config it was trained (or converted) with.')
+  if mismatch:
+    raise mismatch
   # read(), unlike restore(), neither needs nor creates the save counter.
   try:
     status = tf.train.Checkpoint(**model_items(model)).read(path).expect_partial()
@@ -113,6 +118,69 @@ def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, global_step: t
 
 class CheckpointMismatchError(RuntimeError):
   """A checkpoint in the model directory does not fit the configured model."""
+
+  @classmethod
+  def compare(cls, items: dict, path: str, fix: str) -> Optional['CheckpointMismatchError']:
+    """The error for a checkpoint of our layout that lacks a variable of `items` ({component:
+    {key: variable}}, model_items) or holds one of another shape, else None (also when the
+    file cannot be read: the restore that follows says why).
+
+    Its message counts the variables that match, are missing, are unexpected (in the file's
+    components but not the model's: not an error by themselves) and have another shape, lists
+    the first few and names a text file with all of them. Comparing before restoring spares
+    TensorFlow's warning per unrestored value (thousands for another architecture).
+    """
+    # Imported here: initial_checkpoint imports this module.
+    from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      reader, tracked = initial_checkpoint.checkpoint_variables(path)
+      shapes = reader.get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError):
+      return None
+    saved = {name: tuple(shapes[key]) for name, key in tracked.items()
+             if name.split('/', 1)[0] in items}
+    wanted = {f'{component}/{key}': tuple(variable.shape)
+              for component, variables in items.items() for key, variable in variables.items()}
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    mismatched = sorted(name for name in set(wanted) & set(saved) if wanted[name] != saved[name])
+    if not missing and not mismatched:
+      return None
+    rows = ([('shape', f'{name}: {list(saved[name])} in the checkpoint, {list(wanted[name])} in '
+                       'the model') for name in mismatched]
+            + [('missing', name) for name in missing]
+            + [('unexpected', name) for name in unexpected])
+    counts = (f'{len(wanted) - len(missing) - len(mismatched)} model variables match, '
+              f'{len(missing)} are missing from it, {len(mismatched)} have another shape, '
+              f'{len(unexpected)} of its variables are not in the model')
+    return cls(format_variable_report(f'checkpoint {path} does not fit the configured model: '
+                                      f'{counts}; {fix}', rows, listing_name='checkpoint_mismatch'))
+
+
+def format_variable_report(headline: str, rows, listing_name: Optional[str] = None,
+                           limit: int = 5, listing_path: Optional[str] = None) -> str:
+  """`headline`, then the first `limit` (kind, variable) rows of each kind, then the path of a
+  text file holding every row: `listing_path`, or, when rows are left out and `listing_name`
+  is given, a new file in the temp folder named after it."""
+  lines = [headline]
+  by_kind = {}
+  for kind, text in rows:
+    by_kind.setdefault(kind, []).append(text)
+  width = max((len(kind) for kind in by_kind), default=0)
+  for kind, texts in by_kind.items():
+    lines += [f'  {kind:<{width}}  {text}' for text in texts[:limit]]
+    if len(texts) > limit:
+      lines.append(f'  {"":<{width}}  ... and {len(texts) - limit} more')
+  left_out = any(len(texts) > limit for texts in by_kind.values())
+  if listing_path is None and left_out and listing_name:
+    with tempfile.NamedTemporaryFile('w', prefix=f'deeplab2_kmax_{listing_name}_',
+                                     suffix='.txt', delete=False) as f:
+      listing_path = f.name
+  if listing_path is not None:
+    with open(listing_path, 'w', encoding='utf-8') as f:
+      f.write(headline + '\n' + ''.join(f'{kind:<{width}}  {text}\n' for kind, text in rows))
+    lines.append(f'  (every variable: {listing_path})')
+  return '\n'.join(lines)
 
 
 def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> list[str]:

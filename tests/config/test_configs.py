@@ -447,3 +447,33 @@ def test_max_recipe_spells_out_its_backbones_dual_path_preset(relative_path):
   options.max_deeplab.ClearField('dual_path')
   assert as_lists(builder.dual_path_arguments(options)) == as_lists(arguments)
   assert arguments['num_mask_slots'] == arguments['max_num_mask_slots'] == 128
+
+
+_INIT_VARIABLES = ('INIT_CHECKPOINT', 'PRETRAINED_WEIGHTS')
+
+
+@pytest.mark.parametrize('path', [path for path in ALL_CONFIGS
+                                  if not _id(path).startswith('synthetic/')], ids=_id)
+def test_hostile_recipe_loads_without_init_checkpoint_and_defaults_to_a_zoo_backbone(path):
+  # Issue 18: the recipes parse without the user exporting INIT_CHECKPOINT /
+  # PRETRAINED_WEIGHTS; the default is the zoo's ImageNet backbone of the recipe's encoder.
+  from deeplab2_kmax.config import validation  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.model_zoo import registry  # pylint: disable=g-import-not-at-top
+  environ = {name: value for name, value in dummy_environ(path).items()
+             if name not in _INIT_VARIABLES}
+  config = loader.load_config(str(path), environ=environ)
+  checkpoints = [value for value in (config.model_options.initial_checkpoint,
+                                     config.model_options.backbone.pretrained_weights) if value]
+  assert len(checkpoints) == 1, checkpoints
+  entries = registry.load_registry()
+  entry = entries.get(checkpoints[0])
+  assert entry is not None and entry.kind == registry.KIND_BACKBONE, checkpoints[0]
+  # The backbone's own registry config names the same encoder.
+  backbone_config = loader.load_config(str(entry.config_path),
+                                       environ=loader.PlaceholderEnvironment(), validate=False)
+  assert (validation.backbone_name(config.model_options.backbone.name)
+          == validation.backbone_name(backbone_config.model_options.backbone.name)), entry.name
+  # The zoo's trained checkpoints of this recipe start from the same backbone.
+  for trained in entries.values():
+    if trained.config == f'configs/{_id(path)}' and trained.kind != registry.KIND_BACKBONE:
+      assert trained.pretrained == checkpoints[0], trained.name

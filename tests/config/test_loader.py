@@ -170,5 +170,64 @@ def test_cli_failure_is_one_line_without_traceback(tmp_path):
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines() == [
       f'error: {SYNTHETIC_CONFIG}:97:18: environment variable ${{SYNTHETIC_DATA_DIR}} is not '
-      'set; export SYNTHETIC_DATA_DIR=... before running, or write '
+      'set (it sets train_dataset_options.file_pattern, eval_dataset_options.file_pattern); '
+      'export SYNTHETIC_DATA_DIR=... before running, or write '
       '${SYNTHETIC_DATA_DIR:-default}']
+
+
+COCO_R50_CONFIG = REPO_ROOT / 'configs/coco/kmax_deeplab/kmax_meta_r50_os32.textproto'
+
+
+def _line_of(path, text: str) -> int:
+  return next(number for number, line in enumerate(path.read_text().splitlines(), start=1)
+              if text in line)
+
+
+def test_hostile_inference_does_not_need_the_variables_it_does_not_read(tmp_path):
+  # Export and predict read neither the data files nor the initial checkpoint (issue 18).
+  config = loader.load_config(str(COCO_R50_CONFIG), environ={},
+                              unread_fields=loader.INFERENCE_UNREAD_FIELDS)
+  assert list(config.eval_dataset_options.file_pattern) == [
+      '<unset COCO_TFRECORD_DIR>/val*.tfrecord']
+  assert config.eval_dataset_options.dataset == 'coco_panoptic'
+  # A training run reads them: the error names the variable, file:line:column and fields.
+  line = _line_of(COCO_R50_CONFIG, '${COCO_TFRECORD_DIR}')
+  with pytest.raises(loader.ConfigError) as info:
+    loader.load_config(str(COCO_R50_CONFIG), environ={})
+  assert str(info.value) == (
+      f'{COCO_R50_CONFIG}:{line}:18: environment variable ${{COCO_TFRECORD_DIR}} is not set '
+      '(it sets train_dataset_options.file_pattern, eval_dataset_options.file_pattern); '
+      'export COCO_TFRECORD_DIR=... before running, or write ${COCO_TFRECORD_DIR:-default}')
+  # ... unless an override replaces every field the variable sets.
+  replaced = loader.load_config(str(COCO_R50_CONFIG), environ={}, overrides=[
+      'train_dataset_options { file_pattern: "/a/*" } '
+      'eval_dataset_options { file_pattern: "/b/*" }'])
+  assert list(replaced.train_dataset_options.file_pattern) == ['/a/*']
+  # A variable in a field inference does read is still an error for it, naming the field.
+  path = write(tmp_path, COCO_R50_CONFIG.read_text().replace(
+      'experiment_name: "kmax_meta_r50_os32_coco"', 'experiment_name: "${RUN_NAME}"'))
+  with pytest.raises(loader.ConfigError, match=r'\$\{RUN_NAME\} is not set \(it sets '
+                     r'experiment_name\)'):
+    loader.load_config(path, environ={}, unread_fields=loader.INFERENCE_UNREAD_FIELDS)
+  # A placeholder that cannot parse (a number) is reported as the variable, not a type error.
+  path = write(tmp_path, 'train_dataset_options {\n  batch_size: ${BATCH}\n}\n', 'n.textproto')
+  with pytest.raises(loader.ConfigError, match=rf'^{path}:2:15: environment variable '
+                     r'\$\{BATCH\} is not set'):
+    loader.load_config(path, environ={}, validate=False)
+
+
+def test_hostile_load_from_flags_for_inference(monkeypatch):
+  """The call export and predict make: `load_from_flags(inference=True)`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
+  if 'config_file' not in flags.FLAGS:
+    config_flags.define_config_flags(required=False)
+  flags.FLAGS.mark_as_parsed()
+  for name in ('COCO_TFRECORD_DIR', 'INIT_CHECKPOINT'):
+    monkeypatch.delenv(name, raising=False)
+  with flagsaver.flagsaver(config_file=str(COCO_R50_CONFIG), config_override=[]):
+    config = config_flags.load_from_flags(inference=True)
+    assert config.model_options.backbone.name == 'resnet50'
+    with pytest.raises(loader.ConfigError, match=r'\$\{COCO_TFRECORD_DIR\} is not set'):
+      config_flags.load_from_flags()

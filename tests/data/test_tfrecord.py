@@ -87,4 +87,4 @@ def test_diagnose_names_corrupt_file(tmp_path):
   open(bad, 'wb').write(bytes(data))
   assert tfrecord.diagnose_files([good]) is None
   message = tfrecord.diagnose_files([good, bad])
-  assert message.startswith(f'{bad}: corrupted TFRecord after record')
+  assert message.startswith(f'{bad}: corrupted or truncated after record')

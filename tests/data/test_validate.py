@@ -175,3 +175,34 @@ def test_cli_prints_the_report_and_fails(tmp_path):
   assert 'images: 9 (9 with labels)' in proc.stdout
   assert 'area_mismatch: 1' in proc.stdout and 'wrong_area.png' in proc.stdout
   assert 'result: FAILED' in proc.stdout and 'Traceback' not in proc.stderr
+
+
+def _record_ends(data: bytes) -> list:
+  """Byte offsets where each record of a TFRecord file ends (8-byte length, 4-byte length CRC,
+  payload, 4-byte payload CRC)."""
+  ends, offset = [], 0
+  while offset < len(data):
+    offset += 8 + 4 + int.from_bytes(data[offset:offset + 8], 'little') + 4
+    ends.append(offset)
+  return ends
+
+
+def test_hostile_truncated_shard_names_the_count_of_good_records(synthetic_data_dir, tmp_path):
+  # A shard written by the project's own writer, cut inside its 6th record: 5 records read fine.
+  data = (synthetic_data_dir / 'train-00000-of-00002.tfrecord').read_bytes()
+  ends = _record_ends(data)
+  assert len(ends) == 12 and ends[-1] == len(data)
+  shard = tmp_path / 'train-00000-of-00001.tfrecord'
+  shard.write_bytes(data[:ends[4] + 30])
+  report = validate.validate(str(shard), dataset_config='synthetic_panoptic')
+  text = report.format()
+  assert f'{shard}: corrupted or truncated after record 5 (5 records read fine)' in text, text
+  assert report.num_images == 5 and not report.ok
+  assert 'function_node' not in text and 'IteratorGetNext' not in text
+  # The training pipeline's diagnosis says the same; a cut inside the first record reads none.
+  assert tfrecord.diagnose_files([str(shard)]) == (
+      f'{shard}: corrupted or truncated after record 5 (5 records read fine); '
+      're-create this shard')
+  shard.write_bytes(data[:ends[0] - 1])
+  text = validate.validate(str(shard), dataset_config='synthetic_panoptic').format()
+  assert f'{shard}: corrupted or truncated at its first record (0 records read fine)' in text

@@ -91,7 +91,9 @@ def test_mmdetection_60x80_case_through_the_cli(tmp_path, capsys):
   assert set(results) == {'All', 'Things', 'Stuff', 'per_class'}
   assert set(results['All']) == {'pq', 'sq', 'rq', 'n'}
   assert (results['All']['n'], results['Things']['n'], results['Stuff']['n']) == (3, 2, 1)
-  assert set(results['per_class']) == {'0', '2', '3'}  # cat (1) appears nowhere.
+  # cat (1) appears nowhere: listed with zeros, as pq_compute does, and not counted in n.
+  assert set(results['per_class']) == {'0', '1', '2', '3'}
+  assert results['per_class']['1'] == {'pq': 0.0, 'sq': 0.0, 'rq': 0.0}
   assert results['per_class']['2']['pq'] == pytest.approx(45 / 55, abs=1e-15)
   assert results['per_class']['0']['pq'] == pytest.approx((351 / 449) / 2, abs=1e-15)
   table = capsys.readouterr().out

@@ -124,14 +124,24 @@ def test_thresholds_are_strict():
   assert results['All']['n'] == 2
 
 
-def test_categories_absent_from_both_sides_are_not_averaged():
-  categories = {**CATEGORIES, 3: {'id': 3, 'name': 'unseen', 'isthing': 1}}
+def test_hostile_per_class_lists_every_gt_category_absent_ones_with_zeros():
+  # As panopticapi's pq_compute: a category with no TP, FP or FN is listed with zeros in
+  # per_class and left out of the averages and n (issue 18).
+  categories = {**CATEGORIES, 3: {'id': 3, 'name': 'unseen', 'isthing': 1},
+                4: {'id': 4, 'name': 'unseen stuff', 'isthing': 0}}
   gt_ids = [[1, 1], [2, 2]]
   _, results = _evaluate(gt_ids, [_seg(1, THING, 2), _seg(2, STUFF, 2)], [[1, 1], [0, 0]],
                          [_seg(1, THING, 0)], categories)
+  # The thing is matched exactly (IoU 1); the stuff segment is missed (FN): PQ 0.
   assert results['All'] == {'pq': 0.5, 'sq': 0.5, 'rq': 0.5, 'n': 2}
   assert results['Things'] == {'pq': 1.0, 'sq': 1.0, 'rq': 1.0, 'n': 1}
-  assert set(results['per_class']) == {str(THING), str(STUFF)}
+  assert results['Stuff'] == {'pq': 0.0, 'sq': 0.0, 'rq': 0.0, 'n': 1}
+  assert results['per_class'] == {
+      str(THING): {'pq': 1.0, 'sq': 1.0, 'rq': 1.0},
+      str(STUFF): {'pq': 0.0, 'sq': 0.0, 'rq': 0.0},
+      '3': {'pq': 0.0, 'sq': 0.0, 'rq': 0.0},
+      '4': {'pq': 0.0, 'sq': 0.0, 'rq': 0.0}}
+  assert list(results['per_class']) == [str(THING), str(STUFF), '3', '4']  # the GT order
   # No category evaluated at all: zeros and n = 0 instead of a division by zero.
   _, results = _evaluate([[0]], [], [[0]], [], categories)
   assert results['All'] == {'pq': 0.0, 'sq': 0.0, 'rq': 0.0, 'n': 0}

@@ -7,6 +7,8 @@ COCO kMaX-R50 fixture is used and its weights are put back afterwards. Axial-Res
 """
 
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -249,3 +251,60 @@ def test_convert_command_line(tiny_models, tmp_path, capsys):
   assert cli.main(['convert', f'--from={source}', f'--config_file={config}',
                    f'--output={output}-5']) == 2
   assert 'allow the class-dependent last layers' in capsys.readouterr().err
+
+
+def test_hostile_checkpoint_of_another_architecture_is_refused_with_a_summary(
+    tiny_models, tmp_path, capsys, caplog):
+  # Issue 18: a ResNet-50 kMaX checkpoint given for a ConvNeXt config. The refusal is a short
+  # summary (counts, the first few variables of each kind, a file listing them all), not
+  # thousands of variable lines or TensorFlow warnings.
+  import gc  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.model_zoo import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from tests.model.conftest import TINY_TEXTPROTO as text  # pylint: disable=g-import-not-at-top
+  resnet, convnext = tiny_models('resnet50'), tiny_models('convnext_tiny')
+  source = convert.write_deeplab2_checkpoint(convert.to_deeplab2(resnet),
+                                             str(tmp_path / 'dl2'))
+  config = tmp_path / 'convnext.textproto'
+  config.write_text(text.replace('name: "resnet50"', 'name: "convnext_tiny"'))
+  assert cli.main(['convert', f'--from={source}', f'--config_file={config}',
+                   f'--output={tmp_path / "ours" / "ckpt"}']) == 2
+  captured = capsys.readouterr()
+  error = captured.err.strip().splitlines()
+  assert error[0].startswith(f'error: {source}: ') and 'model variables get no value' in error[0]
+  # Headline, at most 5 variables and an '... and N more' per kind (3 kinds), the listing.
+  assert len(error) <= 1 + 3 * 6 + 1 and 'unmapped' not in captured.out, captured.err
+  listing = re.search(r'\(every variable: (\S+)\)$', error[-1]).group(1)
+  kinds = [line.split()[0] for line in open(listing).read().splitlines()[1:]]
+  report = convert.from_deeplab2(tf.train.load_checkpoint(source), convnext)
+  assert kinds.count('unused') == len(report.unused) > 0
+  assert kinds.count('shape') + kinds.count('unmapped') == len(report.unmapped) > 20
+  # A missing --from: one line, before any model is built.
+  assert cli.main(['convert', f'--from={tmp_path / "nothing"}', f'--config_file={config}',
+                   f'--output={tmp_path / "x"}']) == 2
+  assert capsys.readouterr().err.startswith(
+      f'error: --from={tmp_path / "nothing"}: no readable checkpoint at ')
+
+  # The export's restore (restore_model_weights) of a training checkpoint of the ResNet model.
+  path = checkpoints.make_checkpoint(resnet, [], tf.Variable(3, dtype=tf.int64)).write(
+      str(tmp_path / 'run' / 'ckpt-3'))
+  caplog.set_level('WARNING', logger='tensorflow')
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    checkpoints.restore_model_weights(convnext, path)
+  gc.collect()   # TensorFlow warns about unrestored values when its restore status dies.
+  message = str(info.value)
+  lines = message.splitlines()
+  assert lines[0].startswith(f'checkpoint {path} does not fit the configured model: ')
+  shapes = lambda model: {f'{component}/{key}': tuple(variable.shape)
+                          for component, items in checkpoints.model_items(model).items()
+                          for key, variable in items.items()}
+  saved, wanted = shapes(resnet), shapes(convnext)
+  missing = set(wanted) - set(saved)
+  reshaped = {key for key in set(wanted) & set(saved) if wanted[key] != saved[key]}
+  assert missing and reshaped
+  assert (f'{len(wanted) - len(missing) - len(reshaped)} model variables match, '
+          f'{len(missing)} are missing from it, {len(reshaped)} have another shape, '
+          f'{len(set(saved) - set(wanted))} of its variables are not in the model') in lines[0]
+  assert lines[0].endswith('use the config it was trained (or converted) with.')
+  assert len(lines) <= 1 + 3 * 6 + 1 and lines[-1].startswith('  (every variable: ')
+  assert not [r for r in caplog.records if 'could not be found' in r.getMessage()]
