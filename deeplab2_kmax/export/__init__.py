@@ -56,6 +56,9 @@ from deeplab2_kmax.export.serving_module import PreprocessOptions
 from deeplab2_kmax.export.serving_module import segments_of
 from deeplab2_kmax.export.serving_module import build_serving_module
 from deeplab2_kmax.export.serving_module import preprocess_batch
+from deeplab2_kmax.export.serving_module import CheckpointPathError
+from deeplab2_kmax.export.serving_module import error_message
+from deeplab2_kmax.export.serving_module import resolve_checkpoint
 from deeplab2_kmax.export.serving_module import restore_model
 from deeplab2_kmax.export.serving_module import ServingModule
 from deeplab2_kmax.export.cli import parse_batch_size
