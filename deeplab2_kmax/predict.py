@@ -2,7 +2,7 @@
 training checkpoint.
 
     python -m deeplab2_kmax.predict (--model=M | --config_file=F --checkpoint_path=C) \
-        --input=PATH_OR_GLOB --output_dir=D
+        --input=PATH_OR_GLOB --output_dir=D [--fail_fast]
 
 For each image `<stem>.<ext>` it writes, under D (two inputs of one stem, such as x.jpg and
 x.png, or a/x.jpg and b/x.jpg, are told apart by their extension, then by their folders:
@@ -79,8 +79,12 @@ class SkippedInputsError(ValueError):
   def __init__(self, annotations: list, failures: list, total: int, output_dir: str):
     self.annotations = annotations
     self.failures = failures
-    lines = [f'{len(failures)} of {total} input files skipped; the outputs of the other '
-             f'{total - len(failures)} are in {output_dir} (panoptic.json included):']
+    if len(failures) == total:
+      lines = [f'all {total} input files skipped; nothing predicted ({output_dir}/'
+               f'{PANOPTIC_JSON} lists no image):']
+    else:
+      lines = [f'{len(failures)} of {total} input files skipped; the outputs of the other '
+               f'{total - len(failures)} are in {output_dir} ({PANOPTIC_JSON} included):']
     lines += [f'  {path}: {reason}' for path, reason in failures]
     super().__init__('\n'.join(lines))
 
