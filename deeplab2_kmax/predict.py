@@ -183,12 +183,13 @@ class Predictor:
 
 
 def resolve_inputs(pattern: str) -> list[str]:
-  """Image files named by a path, a folder or a glob, sorted."""
+  """Image files named by a path, a folder or a glob, sorted (folders a glob matches are left
+  out; any other file it matches is an input, reported if it is no image)."""
   if tf.io.gfile.isdir(pattern):
     files = [os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
              if name.lower().endswith(_IMAGE_EXTENSIONS)]
   else:
-    files = tf.io.gfile.glob(pattern)
+    files = [path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path)]
   files = sorted(files)
   if not files:
     raise FileNotFoundError(f'--input "{pattern}" matches no image file; give a file, a folder '

@@ -39,9 +39,9 @@ With export_options.include_raw_outputs the model's raw outputs at the eval crop
 
 Bad inputs fail the request with an InvalidArgumentError naming the problem and the batch
 index: a zero-size image, empty or undecodable bytes, and, for serving_default, a tensor that is
-not [batch, height, width, 3] (checked in the graph, since TF Serving and TF's C API pass a
-tensor of another rank on to it). A tf.Tensor or TensorProto of another dtype is refused before
-the graph runs. From Python, `loaded.signatures[...]` converts a numpy array to the signature's
+not [batch, height, width, 3] (checked in the graph: the signature's shape is not enforced on
+every path; a rank-3 tf.Tensor passed to the loaded signature in Python reaches the graph). A
+tf.Tensor or TensorProto of another dtype is refused before the graph runs. From Python, `loaded.signatures[...]` converts a numpy array to the signature's
 dtype itself (a float image in [0, 1] becomes zeros and ones): runtimes.py refuses it instead.
 `error_message` extracts the reason from TensorFlow's "Graph execution error" text.
 `build_serving_module` only needs a Keras model returning `pixel_space_mask_logits` and
@@ -147,8 +147,9 @@ def error_message(error: tf.errors.OpError) -> str:
 def check_images(images: tf.Tensor) -> tf.Tensor:
   """images, once an in-graph check found them [batch, height, width, 3].
 
-  The signature's TensorSpec says so, but TF Serving and TF's C API hand a tensor of another
-  rank to the graph unchecked, where the resize would fail with "input must be 4-dimensional".
+  The signature's TensorSpec says so, but it is not enforced on every path (a rank-3 tf.Tensor
+  given to the loaded signature in Python reaches the graph), and the resize would then fail
+  with "input must be 4-dimensional", 4 channels deep inside map_fn.
   The rank is counted from the shape's values: tf.size(tf.shape(images)) would be folded to the
   static rank 4 by Grappler and never see the tensor that arrives.
   """

@@ -101,6 +101,9 @@ def test_hostile_predict_same_stem_gets_distinct_outputs_and_image_ids(exported,
   (folder / 'x.png').write_bytes(_png(2, (36, 20)))
   (folder / 'sub' / 'x.png').write_bytes(_png(3, (25, 25)))
   (folder / 'y.png').write_bytes(_png(4, (20, 30)))
+  # A glob's matches are the inputs, but for folders.
+  assert predict.resolve_inputs(str(folder / '*')) == [str(folder / name)
+                                                       for name in ('x.jpg', 'x.png', 'y.png')]
   files = sorted(str(p) for p in folder.rglob('*.*'))
   assert predict.output_stems(files) == ['sub_x_png', 'x_jpg', 'x_png', 'y']
   predictor = predict.Predictor.from_saved_model(str(exported.directory))
