@@ -41,8 +41,9 @@ Bad inputs fail the request with an InvalidArgumentError naming the problem and 
 index: a zero-size image, empty or undecodable bytes, and, for serving_default, a tensor that is
 not [batch, height, width, 3] (checked in the graph: the signature's shape is not enforced on
 every path; a rank-3 tf.Tensor passed to the loaded signature in Python reaches the graph). A
-tf.Tensor or TensorProto of another dtype is refused before the graph runs. From Python, `loaded.signatures[...]` converts a numpy array to the signature's
-dtype itself (a float image in [0, 1] becomes zeros and ones): runtimes.py refuses it instead.
+tf.Tensor or TensorProto of another dtype is refused before the graph runs. From Python,
+`loaded.signatures[...]` converts a numpy array to the signature's dtype itself (a float image
+in [0, 1] becomes zeros and ones): runtimes.py refuses it instead.
 `error_message` extracts the reason from TensorFlow's "Graph execution error" text.
 `build_serving_module` only needs a Keras model returning `pixel_space_mask_logits` and
 `transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
