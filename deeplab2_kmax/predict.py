@@ -79,6 +79,10 @@ class SkippedInputsError(ValueError):
   def __init__(self, annotations: list, failures: list, total: int, output_dir: str):
     self.annotations = annotations
     self.failures = failures
+    if total == 1:
+      path, reason = failures[0]
+      super().__init__(f'{path}: {reason}')
+      return
     if len(failures) == total:
       lines = [f'all {total} input files skipped; nothing predicted ({output_dir}/'
                f'{PANOPTIC_JSON} lists no image):']
