@@ -2,9 +2,11 @@
 training checkpoint.
 
     python -m deeplab2_kmax.predict (--model=M | --config_file=F --checkpoint_path=C) \
-        --input=PATH_OR_GLOB --output_dir=D
+        --input=PATH_OR_GLOB --output_dir=D [--fail_fast]
 
-For each image `<stem>.<ext>` it writes, under D:
+For each image `<stem>.<ext>` it writes, under D (two inputs of one stem, such as x.jpg and
+x.png, or a/x.jpg and b/x.jpg, are told apart by their extension, then by their folders:
+`x_jpg`, `x_png`, `a_x_jpg`; the stem is also the image_id in panoptic.json):
 
 | file                      | content                                                       |
 |---------------------------|---------------------------------------------------------------|
@@ -17,10 +19,19 @@ For each image `<stem>.<ext>` it writes, under D:
 and `panoptic.json`, the COCO panoptic document of all images (with `categories`). M may be the
 export's base path (its newest SavedModel version is used), a version folder, or a model.onnx /
 model.tflite file of the export (run in ONNX Runtime / the LiteRT interpreter; the label space is
-read from its folder's assets.extra, or from the .onnx metadata). A progress bar with ETA
-goes to stderr.
+read from its folder's assets.extra, or from the .onnx metadata). With --config_file,
+--checkpoint_path takes a ckpt-N prefix, a folder of checkpoints or a model-zoo name
+(`python -m deeplab2_kmax.model_zoo list`; DeepLab2's checkpoints are converted on the fly).
+A progress bar with ETA goes to stderr.
+
+Bad input files (unreadable, empty, not an image, refused by the model) are skipped: the others
+are predicted and panoptic.json is written for them; then a summary lists each skipped file
+with its reason, and the exit status is 1. With --fail_fast the first bad file stops the run
+(exit status 1, no panoptic.json). An --output_dir that cannot be a folder, a missing model or
+checkpoint, and an --input that matches nothing stop before any prediction, with one line.
 """
 
+import collections
 import io
 import json
 import os
@@ -40,7 +51,9 @@ from deeplab2_kmax.export import runtimes
 from deeplab2_kmax import progress as progress_lib
 from deeplab2_kmax import visualization
 from deeplab2_kmax.config import flags as config_flags
+from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.evaluation import formats
+from deeplab2_kmax.export import serving_module
 from deeplab2_kmax.trainer import checkpoints
 
 PANOPTIC_DIR = 'panoptic'
@@ -50,6 +63,44 @@ PANOPTIC_JSON = 'panoptic.json'
 # Overlays of small images are enlarged (nearest) to at least this height, so they can be read.
 MIN_OVERLAY_HEIGHT = 256
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+
+
+class BadInputError(ValueError):
+  """An input cannot be predicted; str(error) says why (the caller names the file)."""
+
+
+class SkippedInputsError(ValueError):
+  """predict_files skipped bad inputs after writing the outputs of the others.
+
+  Attributes:
+    annotations: the COCO annotations of the images predicted (as predict_files returns).
+    failures: [(path, reason)] of the skipped files, in input order.
+  """
+
+  def __init__(self, annotations: list, failures: list, total: int, output_dir: str):
+    self.annotations = annotations
+    self.failures = failures
+    if total == 1:
+      path, reason = failures[0]
+      super().__init__(f'{path}: {reason}')
+      return
+    if len(failures) == total:
+      lines = [f'all {total} input files skipped; nothing predicted ({output_dir}/'
+               f'{PANOPTIC_JSON} lists no image):']
+    else:
+      lines = [f'{len(failures)} of {total} input files skipped; the outputs of the other '
+               f'{total - len(failures)} are in {output_dir} ({PANOPTIC_JSON} included):']
+    lines += [f'  {path}: {reason}' for path, reason in failures]
+    super().__init__('\n'.join(lines))
+
+
+def image_bytes_problem(data: bytes) -> Optional[str]:
+  """Why data cannot be an image ("is empty (0 bytes)", "is not a JPEG, ..."), or None."""
+  if not data:
+    return 'is empty (0 bytes)'
+  if not bool(tfrecord.has_image_signature(tf.constant(data)).numpy()):
+    return f'is not a JPEG, PNG, GIF, BMP or WebP image; its first bytes are {data[:8]!r}'
+  return None
 
 
 class Predictor:
@@ -95,12 +146,7 @@ class Predictor:
 
     def function(data):
       # ONNX and LiteRT have no image decoder: decode here, as the image_bytes signature does.
-      try:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-      except tf.errors.InvalidArgumentError:
-        raise tf.errors.InvalidArgumentError(
-            None, None, 'not a JPEG, PNG, GIF, BMP or WebP image; its first bytes are '
-            f'{data[:8]!r}') from None
+      image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
       return runtime(image[np.newaxis])
 
     function.runtime = runtime
@@ -116,8 +162,19 @@ class Predictor:
 
   def __call__(self, data: bytes) -> dict[str, np.ndarray]:
     """Predictions of one encoded image, each cropped to the image: [height, width] maps and
-    the per-segment arrays trimmed to the segments found."""
-    outputs = {key: np.asarray(value)[0] for key, value in self._function(data).items()}
+    the per-segment arrays trimmed to the segments found.
+
+    Raises:
+      BadInputError: data is not an image, or the model refuses it (the reason in one line).
+    """
+    problem = image_bytes_problem(data)
+    if problem:
+      raise BadInputError(problem)
+    try:
+      raw = self._function(data)
+    except tf.errors.InvalidArgumentError as error:
+      raise BadInputError(serving_module.error_message(error)) from None
+    outputs = {key: np.asarray(value)[0] for key, value in raw.items()}
     height, width = (int(x) for x in outputs[export_lib.IMAGE_SIZE])
     result = {}
     for key, value in outputs.items():
@@ -131,17 +188,69 @@ class Predictor:
 
 
 def resolve_inputs(pattern: str) -> list[str]:
-  """Image files named by a path, a folder or a glob, sorted."""
+  """Image files named by a path, a folder or a glob, sorted (folders a glob matches are left
+  out; any other file it matches is an input, reported if it is no image)."""
   if tf.io.gfile.isdir(pattern):
     files = [os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
              if name.lower().endswith(_IMAGE_EXTENSIONS)]
   else:
-    files = tf.io.gfile.glob(pattern)
+    files = [path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path)]
   files = sorted(files)
   if not files:
     raise FileNotFoundError(f'--input "{pattern}" matches no image file; give a file, a folder '
                             'or a glob such as "images/*.jpg".')
   return files
+
+
+def output_stems(files: list[str]) -> list[str]:
+  """A distinct output stem (file name without extension, and image_id) for each input file.
+
+  A file's stem is its name without extension, unless another input has the same one: then
+  the extension is kept (x.jpg, x.png -> x_jpg, x_png), then its folders below the inputs'
+  common folder (a/x.jpg, b/x.jpg -> a_x_jpg, b_x_jpg), then its position in `files`.
+  """
+  paths = [os.path.abspath(path) for path in files]
+  common_folder = os.path.commonpath([os.path.dirname(path) for path in paths]) if paths else ''
+
+  def name(index: int, level: int) -> str:
+    path = paths[index]
+    if level == 0:
+      return os.path.splitext(os.path.basename(path))[0]
+    if level == 1:
+      return os.path.basename(path).replace('.', '_')
+    text = os.path.relpath(path, common_folder).replace(os.sep, '_').replace('.', '_')
+    return text if level == 2 else f'{text}_{index}'
+
+  # Only the files in a collision move on to a longer name; the position ends every collision.
+  levels = [0] * len(paths)
+  while True:
+    names = [name(i, level) for i, level in enumerate(levels)]
+    counts = collections.Counter(names)
+    clashing = [i for i, n in enumerate(names) if counts[n] > 1 and levels[i] < 3]
+    if not clashing:
+      return names
+    for i in clashing:
+      levels[i] += 1
+
+
+def prepare_output_dir(output_dir: str) -> None:
+  """Creates output_dir and its folders, or raises ValueError saying why it cannot be one."""
+  path = output_dir
+  while path and not tf.io.gfile.exists(path):
+    parent = os.path.dirname(path.rstrip('/'))
+    path = parent if parent != path else ''
+  if path and not tf.io.gfile.isdir(path):
+    what = ('is a file, not a folder' if path == output_dir else
+            f'cannot be created: {path} is a file')
+    raise ValueError(f'--output_dir {output_dir} {what}; give a folder (it is created if '
+                     'missing).')
+  try:
+    for folder in (PANOPTIC_DIR, OVERLAY_DIR, SEGMENTS_DIR):
+      tf.io.gfile.makedirs(os.path.join(output_dir, folder))
+  except (tf.errors.OpError, OSError) as error:
+    reason = getattr(error, 'message', None) or str(error)
+    raise ValueError(f'--output_dir {output_dir}: cannot create its folders '
+                     f'({reason.splitlines()[0]}).') from None
 
 
 def _legend_font():
@@ -209,23 +318,40 @@ def segments_info(panoptic: np.ndarray, predictions: dict, descriptor, file_name
   return ids, {'image_id': image_id, 'file_name': file_name, 'segments_info': segments}
 
 
+def _read(path: str) -> bytes:
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      return f.read()
+  except (tf.errors.OpError, OSError) as error:
+    reason = getattr(error, 'message', None) or str(error)
+    raise BadInputError(f'cannot be read ({reason.splitlines()[0]})') from None
+
+
 def predict_files(predictor: Predictor, files: list[str], output_dir: str,
-                  show_progress: bool = True) -> list[dict]:
-  """Writes the files of the module docstring for each image; returns the annotations."""
+                  show_progress: bool = True, fail_fast: bool = False) -> list[dict]:
+  """Writes the files of the module docstring for each image; returns the annotations.
+
+  Raises:
+    SkippedInputsError: after writing every output, when some files were bad (it lists them
+      and holds the annotations of the others).
+    ValueError: at the first bad file, with fail_fast (panoptic.json is not written).
+  """
   descriptor = predictor.descriptor
-  for folder in (PANOPTIC_DIR, OVERLAY_DIR, SEGMENTS_DIR):
-    tf.io.gfile.makedirs(os.path.join(output_dir, folder))
+  prepare_output_dir(output_dir)
   progress = progress_lib.Progress(len(files), label='predict', unit='images',
                                    stream=sys.stderr if show_progress else io.StringIO())
-  annotations = []
-  for path in files:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      data = f.read()
+  annotations, failures = [], []
+  for path, stem in zip(files, output_stems(files)):
     try:
+      data = _read(path)
       predictions = predictor(data)
-    except tf.errors.InvalidArgumentError as error:
-      raise ValueError(f'{path}: {error.message.splitlines()[0]}') from None
+    except BadInputError as error:
+      if fail_fast:
+        progress.close()
+        raise ValueError(f'{path}: {error} (--fail_fast: stopped here)') from None
+      failures.append((path, str(error)))
+      progress.update()
+      continue
     panoptic = predictions[common.PRED_PANOPTIC]
     ids, annotation = segments_info(panoptic, predictions, descriptor, f'{stem}.png', stem)
     formats.write_png(os.path.join(output_dir, PANOPTIC_DIR, f'{stem}.png'),
@@ -241,6 +367,8 @@ def predict_files(predictor: Predictor, files: list[str], output_dir: str,
   document = formats.coco_panoptic_json(annotations, formats.coco_categories(descriptor))
   with tf.io.gfile.GFile(os.path.join(output_dir, PANOPTIC_JSON), 'w') as f:
     json.dump(document, f)
+  if failures:
+    raise SkippedInputsError(annotations, failures, len(files), output_dir)
   return annotations
 
 
@@ -253,10 +381,13 @@ def define_flags():
                       '--output_path or a version folder (SavedModel, the newest version is '
                       'used), or a model.onnx (ONNX Runtime) or model.tflite (LiteRT) file.')
   flags.DEFINE_string('saved_model', None, 'Same as --model (kept for older scripts).')
-  flags.DEFINE_string('checkpoint_path', None, 'With --config_file: a checkpoint prefix or a '
-                      'folder of checkpoints (the newest is used).')
+  flags.DEFINE_string('checkpoint_path', None, 'With --config_file: a checkpoint prefix, a '
+                      'folder of checkpoints (the newest is used) or a model-zoo name.')
   flags.DEFINE_string('input', None, 'Image file, folder or glob.', required=True)
-  flags.DEFINE_string('output_dir', None, 'Where predictions go.', required=True)
+  flags.DEFINE_string('output_dir', None, 'Where predictions go (a folder, created if '
+                      'missing).', required=True)
+  flags.DEFINE_bool('fail_fast', False, 'Stop at the first bad input file (default: skip bad '
+                    'files, predict the others, list the skipped ones at the end and exit 1).')
 
 
 def make_predictor(model: Optional[str], config_file: Optional[str],
@@ -267,29 +398,44 @@ def make_predictor(model: Optional[str], config_file: Optional[str],
     return Predictor.from_model(model)
   if not (config_file and checkpoint_path):
     raise app.UsageError('--config_file and --checkpoint_path go together.')
-  return Predictor.from_checkpoint(config_flags.load_from_flags(inference=True), checkpoint_path)
+  config = config_flags.load_from_flags(inference=True)
+  # Before the model is built: a wrong path should not cost its build.
+  checkpoint = export_lib.resolve_checkpoint(checkpoint_path)
+  return Predictor.from_checkpoint(config, checkpoint)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   values = flags.FLAGS
+  skipped = None
   try:
     if values.model and values.saved_model and values.model != values.saved_model:
       raise app.UsageError('--model and --saved_model name the same thing; pass one.')
+    # The output folder and the inputs are checked before the model is loaded.
+    prepare_output_dir(values.output_dir)
+    files = resolve_inputs(values.input)
     predictor = make_predictor(values.model or values.saved_model, values.config_file,
                                values.checkpoint_path)
-    files = resolve_inputs(values.input)
-    annotations = predict_files(predictor, files, values.output_dir)
+    try:
+      annotations = predict_files(predictor, files, values.output_dir,
+                                  fail_fast=values.fail_fast)
+    except SkippedInputsError as error:
+      annotations, skipped = error.annotations, error
   except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, FileNotFoundError,
           ValueError, ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  segments = sum(len(a['segments_info']) for a in annotations)
-  first = os.path.join(values.output_dir, OVERLAY_DIR, annotations[0]['file_name'])
-  print(f'[predict] {len(annotations)} images, {segments} segments, from {predictor.source}; '
-        f'panoptic PNGs, overlays and segments JSON in {values.output_dir}; first overlay: '
-        f'{first}', flush=True)
+  if annotations:
+    segments = sum(len(a['segments_info']) for a in annotations)
+    first = os.path.join(values.output_dir, OVERLAY_DIR, annotations[0]['file_name'])
+    print(f'[predict] {len(annotations)} images, {segments} segments, from {predictor.source}; '
+          f'panoptic PNGs, overlays and segments JSON in {values.output_dir}; first overlay: '
+          f'{first}', flush=True)
+  if skipped:
+    # Last, so that it is what the user reads when the run ends.
+    print(f'error: {skipped}', file=sys.stderr, flush=True)
+    return 1
   return 0
 
 

@@ -34,7 +34,10 @@ def resize_spec(values: Sequence[int]) -> Optional[tuple[int, int]]:
 
 
 def _scale_dim(size: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.floor(tf.cast(size, tf.float32) * tf.cast(factor, tf.float32)), tf.int32)
+  """floor(size * factor), at least 1: a thin image (1 x 5000 resized to fit 641 x 641) would
+  otherwise get a side of 0, which no resize accepts. Sides of 1 or more are unchanged."""
+  scaled = tf.cast(tf.floor(tf.cast(size, tf.float32) * tf.cast(factor, tf.float32)), tf.int32)
+  return tf.maximum(scaled, 1)
 
 
 def resize_to_range_size(height: tf.Tensor, width: tf.Tensor,
@@ -47,6 +50,7 @@ def resize_to_range_size(height: tf.Tensor, width: tf.Tensor,
   2. If max_size is set, shrink (never enlarge) so both sides fit (with factor, max_size is first
      rounded down to a multiple of factor plus one).
   3. With factor, round each side up to a multiple of factor plus one.
+  Each side stays at least 1 (so very thin images keep one row or column).
   """
   height = tf.cast(height, tf.int32)
   width = tf.cast(width, tf.int32)

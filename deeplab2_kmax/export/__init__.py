@@ -5,9 +5,11 @@ post-processing in the graph.
     python -m deeplab2_kmax.export --config_file=F (--checkpoint_path=C | --model_dir=D) \
         --output_path=O [--format=saved_model,onnx,litert] [--precision=float32|bfloat16|auto] \
         [--input_type=image_tensor,image_bytes,tf_example] [--batch_size=N|dynamic] \
-        [--version=V] [--litert_weights=float32|float16] [--onnx_opset=17]
+        [--version=V [--overwrite]] [--litert_weights=float32|float16] [--onnx_opset=17]
 
-writes into `O/<version>/` (TF Serving's versioned layout):
+writes into `O/<version>/` (TF Serving's versioned layout; by default the next free version,
+so an export never replaces one; an explicit version that is taken needs --overwrite). C is a
+ckpt-N prefix, a folder of checkpoints or a model-zoo name (serving_module.resolve_checkpoint).
 
 | format      | file(s)                              | run it with                           |
 |-------------|--------------------------------------|---------------------------------------|
@@ -15,10 +17,12 @@ writes into `O/<version>/` (TF Serving's versioned layout):
 | onnx        | model.onnx                           | onnxruntime.InferenceSession          |
 | litert      | model.tflite                         | ai_edge_litert.interpreter            |
 
-plus `assets.extra/dataset_descriptor.textproto` (the label space) and, with the SavedModel,
-`assets.extra/tf_serving_warmup_requests`: TF Serving's warm-up file (TFRecord of PredictionLog
-records, two PredictRequests per signature at the export's batch size, deterministic gradient
-images; serving_warmup.py), which TF Serving runs at load time so the first request is fast.
+plus `assets.extra/dataset_descriptor.textproto` (the label space), `experiment.textproto` and
+`command_line.txt` (the effective config and the command that wrote the version) and, with the
+SavedModel, `assets.extra/tf_serving_warmup_requests`: TF Serving's warm-up file (TFRecord of
+PredictionLog records, two PredictRequests per signature at the export's batch size,
+deterministic gradient images; serving_warmup.py), which TF Serving runs at load time so the
+first request is fast.
 deeplab2_kmax.predict --model= runs any of them (export/runtimes.py).
 
 The SavedModel has the tag `serve` and the signatures serving_default (uint8 images),
@@ -56,6 +60,9 @@ from deeplab2_kmax.export.serving_module import PreprocessOptions
 from deeplab2_kmax.export.serving_module import segments_of
 from deeplab2_kmax.export.serving_module import build_serving_module
 from deeplab2_kmax.export.serving_module import preprocess_batch
+from deeplab2_kmax.export.serving_module import CheckpointPathError
+from deeplab2_kmax.export.serving_module import error_message
+from deeplab2_kmax.export.serving_module import resolve_checkpoint
 from deeplab2_kmax.export.serving_module import restore_model
 from deeplab2_kmax.export.serving_module import ServingModule
 from deeplab2_kmax.export.cli import parse_batch_size

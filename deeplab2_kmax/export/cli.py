@@ -1,12 +1,15 @@
 """Command line of deeplab2_kmax.export (run as `python -m deeplab2_kmax.export`)."""
 
 import os
+import shlex
 import sys
 from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
+from google.protobuf import text_format
+import tensorflow as tf
 
 from deeplab2_kmax import command_line
 from deeplab2_kmax import config as config_lib
@@ -19,14 +22,19 @@ from deeplab2_kmax.export import saved_model as saved_model_lib
 from deeplab2_kmax.export import serving_module as serving_lib
 from deeplab2_kmax.trainer import checkpoints
 
+# Written into <version>/assets.extra by write_run_record.
+EXPERIMENT_FILE = 'experiment.textproto'
+COMMAND_LINE_FILE = 'command_line.txt'
 # Formats that compute in float32 whatever --precision says (no bfloat16 kernels worth using).
 _FLOAT32_ONLY_FORMATS = ('onnx', 'litert')
 
 
 def define_flags():
   config_flags.define_config_flags()
-  flags.DEFINE_string('checkpoint_path', None, 'Checkpoint prefix (ckpt-N) or a folder holding '
-                      'checkpoints (the newest is used).')
+  flags.DEFINE_string('checkpoint_path', None, 'Checkpoint prefix (ckpt-N), a folder holding '
+                      'checkpoints (the newest is used; also `model_zoo convert`\'s output), '
+                      'or a model-zoo name (downloaded and converted on the fly; '
+                      '`python -m deeplab2_kmax.model_zoo list`).')
   flags.DEFINE_string('model_dir', None, 'Run directory of deeplab2_kmax.train; its newest '
                       'checkpoint is exported when --checkpoint_path is not given.')
   flags.DEFINE_string('output_path', None, 'Base path: every format goes to '
@@ -47,7 +55,11 @@ def define_flags():
                     f'{",".join(serving_lib.INPUT_TYPES)}).')
   flags.DEFINE_string('batch_size', None, 'Fixed batch size of the signatures, or "dynamic" '
                       '(default: export_options.batch_size; 0 = dynamic).')
-  flags.DEFINE_integer('version', None, 'Version folder (default: export_options.version).')
+  flags.DEFINE_integer('version', None, 'Version folder. Default: export_options.version when '
+                       'the config sets it, else the next free number (1, or one above the '
+                       'newest version in --output_path), so a new export never replaces one.')
+  flags.DEFINE_bool('overwrite', False, 'Let an explicit --version (or export_options.version) '
+                    'replace the existing version folder; without it that is refused.')
 
 
 def parse_batch_size(text: Optional[str], default: int) -> Optional[int]:
@@ -93,6 +105,81 @@ def format_precisions(formats, requested: str, flags_: Optional[frozenset] = Non
   return result
 
 
+def prepare_output_path(output_path: str) -> None:
+  """Creates the export's base folder, or raises ValueError saying why it cannot be one."""
+  path = output_path
+  while path and not tf.io.gfile.exists(path):
+    parent = os.path.dirname(path.rstrip('/'))
+    path = parent if parent != path else ''
+  if path and not tf.io.gfile.isdir(path):
+    what = ('is a file, not a folder' if path == output_path else
+            f'cannot be created: {path} is a file')
+    raise ValueError(f'--output_path {output_path} {what}; give the folder that holds the '
+                     'version folders (TF Serving\'s model base path).')
+  try:
+    tf.io.gfile.makedirs(output_path)
+  except (tf.errors.OpError, OSError) as error:
+    reason = getattr(error, 'message', None) or str(error)
+    raise ValueError(f'--output_path {output_path}: cannot create it '
+                     f'({reason.splitlines()[0]}).') from None
+
+
+def existing_versions(output_path: str) -> list[int]:
+  """The numeric version folders in output_path, ascending."""
+  if not tf.io.gfile.isdir(output_path):
+    return []
+  return sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(output_path)
+                if name.rstrip('/').isdigit()
+                and tf.io.gfile.isdir(os.path.join(output_path, name)))
+
+
+def choose_version(output_path: str, flag_version: Optional[int], options,
+                   overwrite: bool) -> int:
+  """The version folder to write (see --version and --overwrite).
+
+  Args:
+    output_path: the export's base folder.
+    flag_version: --version, or None.
+    options: the config's ExportOptions (its version counts when the config sets it).
+    overwrite: --overwrite.
+
+  Raises:
+    ValueError: an explicit version whose folder already holds files, without overwrite.
+  """
+  versions = existing_versions(output_path)
+  if flag_version is not None:
+    version, source = flag_version, f'--version={flag_version}'
+  elif options.HasField('version'):
+    version, source = options.version, f'export_options.version: {options.version}'
+  else:
+    return max(versions, default=0) + 1
+  if version < 1:
+    raise ValueError(f'{source}: TF Serving loads versions 1 and up.')
+  directory = os.path.join(output_path, str(version))
+  if not overwrite and tf.io.gfile.isdir(directory) and tf.io.gfile.listdir(directory):
+    raise ValueError(f'{directory} already holds an export ({source}); pass '
+                     f'--overwrite to replace it, or --version={max(versions) + 1} (the next '
+                     'free number, also the default when neither --version nor '
+                     'export_options.version is set).')
+  return version
+
+
+def write_run_record(directory: str, config, argv) -> list[str]:
+  """Writes the effective config and the command line into directory/assets.extra (what
+  produced this export; TF Serving ignores the folder); returns the two paths."""
+  folder = os.path.join(directory, saved_model_lib.ASSETS_EXTRA)
+  tf.io.gfile.makedirs(folder)
+  config_path = os.path.join(folder, EXPERIMENT_FILE)
+  with tf.io.gfile.GFile(config_path, 'w') as f:
+    f.write('# The effective config of this export (after ${VAR} substitution and '
+            '--config_override).\n')
+    f.write(text_format.MessageToString(config))
+  command_path = os.path.join(folder, COMMAND_LINE_FILE)
+  with tf.io.gfile.GFile(command_path, 'w') as f:
+    f.write(' '.join(shlex.quote(arg) for arg in argv) + '\n')
+  return [config_path, command_path]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -100,6 +187,7 @@ def main(argv):
   checkpoint = values.checkpoint_path or values.model_dir
   if not checkpoint:
     raise app.UsageError('pass --checkpoint_path (or --model_dir of a training run).')
+  checkpoint_flag = '--checkpoint_path' if values.checkpoint_path else '--model_dir'
   # tf.saved_model.save logs each written file at INFO; the summary lines below say it all.
   logging.set_verbosity(logging.WARNING)
   try:
@@ -109,7 +197,10 @@ def main(argv):
     options = config.export_options
     batch_size = parse_batch_size(values.batch_size, options.batch_size)
     input_types = values.input_type or list(options.input_type) or list(serving_lib.INPUT_TYPES)
-    version = values.version if values.version is not None else options.version
+    # Paths before the model is built: a typo should not cost a model build.
+    prepare_output_path(values.output_path)
+    checkpoint = serving_lib.resolve_checkpoint(checkpoint, checkpoint_flag)
+    version = choose_version(values.output_path, values.version, options, values.overwrite)
     directory = os.path.join(values.output_path, str(version))
     modules = {}
     for name in formats:
@@ -135,6 +226,9 @@ def main(argv):
     # Every format's folder carries the label space (SavedModel writes it itself).
     if 'saved_model' not in formats:
       saved_model_lib.write_descriptor(directory, next(iter(modules.values())).descriptor)
+    write_run_record(directory, config,
+                     [os.path.basename(sys.executable), '-m', 'deeplab2_kmax.export'] +
+                     sys.argv[1:])
   except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, ValueError,
           ImportError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -5,6 +5,8 @@
     runtime = runtimes.load('exports/kmax/1/model.tflite')   # LiteRT interpreter
     outputs = runtime(images)   # uint8 [batch, height, width, 3] -> {name: numpy array}
 
+Another dtype or shape is refused with a ValueError before the runtime runs (check_images).
+
 Every format takes the serving_default input and returns serving_module's outputs, by name. The
 label space comes from `assets.extra/dataset_descriptor.textproto` in the version folder (all
 formats are written there), or, for a lone .onnx file, from its metadata.
@@ -44,6 +46,34 @@ def format_of(path: str) -> str:
                    'deeplab2_kmax.export or a version folder), a .onnx file or a .tflite file.')
 
 
+def check_images(images) -> np.ndarray:
+  """images as the uint8 [batch, height, width, 3] numpy array every format takes, or
+  ValueError naming serving_default's input and what arrived.
+
+  Checked here, in Python, because nothing downstream refuses a wrong dtype: TensorFlow's
+  binding converts a numpy array to the signature's dtype (float images in [0, 1] would become
+  zeros), and ONNX Runtime and LiteRT fail in their own terms, if at all.
+  """
+  array = images.numpy() if isinstance(images, tf.Tensor) else np.asarray(images)
+  expected = (f'{serving_lib.SIGNATURE_IMAGE_TENSOR} input `{_INPUT}` must be '
+              f'{serving_lib.IMAGES_SPEC_TEXT}')
+  got = f'got {array.dtype} {list(array.shape)}'
+  if array.dtype != np.uint8:
+    values = ''
+    if np.issubdtype(array.dtype, np.floating) and array.size and \
+        0 <= np.min(array) and np.max(array) <= 1:
+      values = ' in [0, 1]'
+    raise ValueError(f'{expected}; {got}{values}: scale to 0..255 and convert with '
+                     '.astype(np.uint8).')
+  if array.ndim != 4 or array.shape[-1] != 3:
+    hint = ' (one image: add the batch axis with x[np.newaxis])' if array.ndim == 3 and \
+        array.shape[-1] == 3 else ''
+    if array.ndim == 4 and array.shape[-1] in (1, 4):
+      hint = ' (RGB only: drop alpha with x[..., :3], or repeat a grey channel 3 times)'
+    raise ValueError(f'{expected}; {got}{hint}.')
+  return array
+
+
 def _descriptor_beside(path: str):
   """The DatasetDescriptor in assets.extra of the folder holding path, or None."""
   folder = os.path.dirname(os.path.abspath(path))
@@ -70,7 +100,8 @@ class SavedModelRuntime:
     self.descriptor = saved_model_lib.load_descriptor(self.path)
 
   def __call__(self, images: np.ndarray) -> dict:
-    return {k: v.numpy() for k, v in self._signature(**{_INPUT: tf.constant(images)}).items()}
+    images = tf.constant(check_images(images))
+    return {k: v.numpy() for k, v in self._signature(**{_INPUT: images}).items()}
 
 
 class OnnxRuntime:
@@ -98,7 +129,7 @@ class OnnxRuntime:
       self.descriptor = _descriptor_beside(path)
 
   def __call__(self, images: np.ndarray) -> dict:
-    values = self.session.run(self._names, {_INPUT: np.asarray(images, np.uint8)})
+    values = self.session.run(self._names, {_INPUT: check_images(images)})
     return dict(zip(self._names, values))
 
 
@@ -122,7 +153,7 @@ class LiteRTRuntime:
 
   def __call__(self, images: np.ndarray) -> dict:
     # The signature runner resizes the dynamic input to each call's shape.
-    return dict(self._runner(**{_INPUT: np.asarray(images, np.uint8)}))
+    return dict(self._runner(**{_INPUT: check_images(images)}))
 
 
 def load(path: str, num_threads: Optional[int] = None):

@@ -37,12 +37,20 @@ label divisor) for clients.
 With export_options.include_raw_outputs the model's raw outputs at the eval crop are added
 (`pixel_space_mask_logits`, `transformer_class_logits`, `semantic_logits`, ...).
 
-Bad inputs (a zero-size image, empty or undecodable bytes) fail the request with an
-InvalidArgumentError naming the problem; a wrong dtype or rank is refused by the signature.
+Bad inputs fail the request with an InvalidArgumentError naming the problem and the batch
+index: a zero-size image, empty or undecodable bytes, and, for serving_default, a tensor that is
+not [batch, height, width, 3] (checked in the graph: the signature's shape is not enforced on
+every path; a rank-3 tf.Tensor passed to the loaded signature in Python reaches the graph). A
+tf.Tensor or TensorProto of another dtype is refused before the graph runs. From Python,
+`loaded.signatures[...]` converts a numpy array to the signature's dtype itself (a float image
+in [0, 1] becomes zeros and ones): runtimes.py refuses it instead.
+`error_message` extracts the reason from TensorFlow's "Graph execution error" text.
 `build_serving_module` only needs a Keras model returning `pixel_space_mask_logits` and
 `transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
 """
 
+import os
+import re
 from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
@@ -104,6 +112,57 @@ class PreprocessOptions:
         tf.cast(image, tf.float32), None, self.crop_size, self.min_resize_value,
         self.max_resize_value, self.resize_factor, 0)
     return image, tf.cast(resized_size, tf.int32)
+
+
+IMAGES_SPEC_TEXT = 'uint8 [batch, height, width, 3]'
+
+
+def error_message(error: tf.errors.OpError) -> str:
+  """The reason of a failed request in one line, without TensorFlow's framing.
+
+  A signature call fails with "Graph execution error:", the node, "<stack traces unavailable>",
+  then the reason: an Assert's data (`assertion failed: [a] [b]`, returned as "a b") or the
+  op's own message (e.g. "Invalid PNG data, size 60"); an eager op appends " [Op:Name]".
+  E.g. "serving_default: `images` must be uint8 [batch, height, width, 3]; got shape [30 40 3]".
+  """
+  lines = [line.strip() for line in error.message.splitlines()]
+  framing = ('Graph execution error', 'Detected at node', '<stack traces unavailable>',
+             '[[{{node')
+  reasons = [line for line in lines if line and not line.startswith(framing)]
+  reason = reasons[0] if reasons else (lines[0] if lines else type(error).__name__)
+  reason = reason.split(' [Op:', 1)[0]
+  prefix = 'assertion failed: '
+  if reason.startswith(prefix):
+    # Assert prints each datum as [datum]; they were written to read as one sentence.
+    reason = reason[len(prefix):]
+    if reason.startswith('[') and reason.endswith(']'):
+      reason = reason[1:-1]
+    items = reason.split('] [')
+    # A tensor of several values (a shape) keeps its brackets; text and scalars read bare.
+    items = [f'[{item}]' if ' ' in item and re.fullmatch(r'[-0-9. ]+', item) else item
+             for item in items]
+    reason = ' '.join(items)
+  return reason
+
+
+def check_images(images: tf.Tensor) -> tf.Tensor:
+  """images, once an in-graph check found them [batch, height, width, 3].
+
+  The signature's TensorSpec says so, but it is not enforced on every path (a rank-3 tf.Tensor
+  given to the loaded signature in Python reaches the graph), and the resize would then fail
+  with "input must be 4-dimensional", 4 channels deep inside map_fn.
+  The rank is counted from the shape's values: tf.size(tf.shape(images)) would be folded to the
+  static rank 4 by Grappler and never see the tensor that arrives.
+  """
+  shape = tf.shape(images, out_type=tf.int32)
+  rank = tf.reduce_sum(tf.minimum(shape + 1, 1))
+  channels_ok = tf.equal(tf.reduce_sum(tf.cast(tf.equal(shape[-1:], 3), tf.int32)), 1)
+  check = tf.debugging.Assert(
+      tf.logical_and(tf.equal(rank, 4), channels_ok),
+      [f'{SIGNATURE_IMAGE_TENSOR}: `{INPUT_NAMES[SIGNATURE_IMAGE_TENSOR]}` must be '
+       f'{IMAGES_SPEC_TEXT}; got shape', shape], summarize=8)
+  with tf.control_dependencies([check]):
+    return tf.identity(images)
 
 
 def preprocess_batch(images, preprocess_options: PreprocessOptions) -> dict[str, tf.Tensor]:
@@ -298,7 +357,8 @@ class ServingModule(tf.Module):
     return result
 
   def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-    return self._untracked.predict_function(preprocess_batch(images, self.preprocess_options))
+    return self._untracked.predict_function(
+        preprocess_batch(check_images(images), self.preprocess_options))
 
   def serve_image_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
     image_of = lambda i: _decode_image_bytes(image_bytes[i], 'image_bytes', i)
@@ -370,15 +430,89 @@ def build_serving_module(config, model=None, batch_size: Optional[int] = None,
                        include_raw_outputs=include_raw_outputs)
 
 
-def restore_model(model, checkpoint_path: str) -> str:
-  """Restores a runner checkpoint (a ckpt-N prefix or a model_dir) into model; returns its path."""
+class CheckpointPathError(checkpoints.CheckpointMismatchError):
+  """A --checkpoint_path names no checkpoint; str(error) names it and what would be right."""
+
+
+_CHECKPOINT_FORMS = ('a checkpoint prefix such as runs/x/ckpt-1000 (the files ckpt-1000.index '
+                     'and ckpt-1000.data-*), a folder of checkpoints (the newest is used), or a '
+                     'model-zoo name (`python -m deeplab2_kmax.model_zoo list`)')
+
+
+def resolve_checkpoint(checkpoint_path: str, flag: str = '--checkpoint_path') -> str:
+  """The checkpoint prefix that checkpoint_path names, checked before any model is built.
+
+  Args:
+    checkpoint_path: a ckpt-N prefix; a folder (a run directory: its newest checkpoint; a
+      folder holding one checkpoint, such as a `model_zoo convert` output or an extracted
+      archive); or a model-zoo name (downloaded into the cache unless it is there already,
+      model_zoo/download.py).
+    flag: the command-line flag it came from, for messages.
+
+  Raises:
+    CheckpointPathError: naming the path and the accepted forms.
+  """
+  # Imported here: the model zoo imports the trainer, which export does not otherwise need.
+  from deeplab2_kmax.model_zoo import download  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.model_zoo import registry  # pylint: disable=g-import-not-at-top
   path = checkpoint_path
   if tf.io.gfile.isdir(path):
-    path = tf.train.latest_checkpoint(path)
-    if path is None:
-      raise checkpoints.CheckpointMismatchError(
-          f'no checkpoint in {checkpoint_path}; train first or pass a ckpt-N prefix as '
-          '--checkpoint_path.')
+    latest = tf.train.latest_checkpoint(path)
+    if latest:
+      return latest
+    try:
+      return download.find_checkpoint_prefix(path)
+    except download.DownloadError:
+      raise CheckpointPathError(f'no checkpoint in {path} ({flag}); train first, or give '
+                                f'{_CHECKPOINT_FORMS}.') from None
+  if tf.io.gfile.exists(path + '.index'):
+    return path
+  if tf.io.gfile.exists(path):
+    for suffix in ('.index', '.data-'):
+      if suffix in os.path.basename(path):
+        prefix = path[:path.rindex(suffix)]
+        raise CheckpointPathError(f'{flag} {path} is one file of a checkpoint; pass its '
+                                  f'prefix {prefix}.')
+    raise CheckpointPathError(f'{flag} {path} is a file, not a checkpoint; give '
+                              f'{_CHECKPOINT_FORMS}.')
+  entries = registry.load_registry()
+  if path in entries:
+    if entries[path].kind == registry.KIND_BACKBONE:
+      raise CheckpointPathError(
+          f'{flag} "{path}" is an ImageNet backbone ({entries[path].backbone}), not a '
+          'segmentation model; give a kmax_* or max_deeplab_* name, or a checkpoint trained '
+          f'from it (its config is {entries[path].config}).')
+    try:
+      return download.fetch_checkpoint(path, entries)
+    except (download.DownloadError, download.UnsafeArchiveError) as error:
+      raise CheckpointPathError(f'{flag} "{path}" is a model-zoo name but cannot be fetched: '
+                                f'{error}') from None
+  close = [name for name in entries if '/' not in path and (path in name or name in path)]
+  hint = f' (model-zoo names close to it: {", ".join(close[:5])})' if close else ''
+  raise CheckpointPathError(f'{flag} {path} does not exist{hint}; give {_CHECKPOINT_FORMS}.')
+
+
+def restore_model(model, checkpoint_path: str) -> str:
+  """Restores every model variable from checkpoint_path (resolve_checkpoint's forms); returns
+  the checkpoint read, for messages.
+
+  A checkpoint of our layout (a runner checkpoint, or `model_zoo convert`'s output) is read as
+  it is; one in DeepLab2's layout (a model-zoo download) is converted in memory
+  (model_zoo/convert.py), and every variable of the model must receive a value.
+
+  Raises:
+    CheckpointPathError: checkpoint_path names no checkpoint.
+    checkpoints.CheckpointMismatchError: a variable is missing or has another shape.
+    convert.ConversionError (a ValueError): a DeepLab2 checkpoint that does not fit the model.
+  """
+  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  path = resolve_checkpoint(checkpoint_path)
+  keys = [name for name, _ in tf.train.list_variables(path)]
+  if convert.is_deeplab2_layout(keys):
+    report = convert.from_deeplab2(tf.train.load_checkpoint(path), model, source=path)
+    report.check()
+    convert.assign(model, report.values)
+    return f'{path} (DeepLab2 layout, converted)'
   # Optimizer slots and the step in the file are not needed; every model variable must be found.
   checkpoints.restore_model_weights(model, path)
   return path

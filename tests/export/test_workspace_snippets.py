@@ -210,9 +210,11 @@ def test_section_names_the_files_and_flags_of_the_code():
   from deeplab2_kmax.export import saved_model  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.export import serving_warmup  # pylint: disable=g-import-not-at-top
   section = _section()
+  from deeplab2_kmax.export import cli  # pylint: disable=g-import-not-at-top
   for name in (onnx_format.ONNX_FILE, litert_format.LITERT_FILE, serving_warmup.WARMUP_FILE,
                saved_model.DESCRIPTOR_FILE, export.ASSETS_EXTRA,
-               onnx_format.METADATA_DESCRIPTOR):
+               onnx_format.METADATA_DESCRIPTOR, cli.EXPERIMENT_FILE, cli.COMMAND_LINE_FILE,
+               '--overwrite', '--fail_fast'):
     assert name in section, name
   assert f'--format={",".join(runtimes_lib.FORMATS)}' in section
   assert f'--precision={"|".join(precision.PRECISIONS)}' in section
