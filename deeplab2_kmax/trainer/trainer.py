@@ -306,11 +306,11 @@ class Trainer(orbit.StandardTrainer):
     logs['max_things_per_crop'] = float(max_things)
     if max_things > self.num_mask_slots and not self._warned_things:
       self._warned_things = True
-      self.log_fn(f'[train] warning: a training crop before step {step} has {max_things} thing '
-                  f'instances but the model has only {self.num_mask_slots} mask slots '
-                  f'({self.mask_slots_field}); the unmatched things make the mask-ID loss '
-                  f'explode (to thousands). Set {self.mask_slots_field} to at least '
-                  f'{max_things}.')
+      self.log_fn(f'[train] warning: a training crop of the loop ending at step {step} has '
+                  f'{max_things} thing instances but the model has only {self.num_mask_slots} '
+                  f'mask slots ({self.mask_slots_field}); the unmatched things make the mask-ID '
+                  f'loss explode (to thousands). Set {self.mask_slots_field} to at least '
+                  f'{max_things} (stuff segments take slots too).')
     run_elapsed = time.monotonic() - self._run_start
     done = step - self._run_start_step
     eta = ((self.total_steps - step) * run_elapsed / done) if done > 0 else float('nan')

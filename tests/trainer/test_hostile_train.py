@@ -18,7 +18,6 @@ from deeplab2_kmax.config import loader
 from deeplab2_kmax.config import run_record
 from deeplab2_kmax.trainer import controller as controller_lib
 from deeplab2_kmax.trainer import model_dir as model_dir_lib
-from deeplab2_kmax.trainer import runner
 from tests.conftest import REPO_ROOT
 from tests.trainer.conftest import SYNTHETIC_CONFIG
 
@@ -79,25 +78,32 @@ def test_hostile_model_dir_checks_pass_a_missing_eval_dir_and_create_a_training_
 
 # ---- Non-finite variables are never checkpointed ----
 
-def test_hostile_non_finite_variable_is_never_checkpointed(tiny, tmp_path):
-  experiment = runner.Experiment(tiny(), 'train', str(tmp_path), log_fn=lambda _: None)
+def test_hostile_non_finite_variable_is_never_checkpointed(tiny_train_and_eval_run):
+  # The shared run's state (step 4, ckpt-4 on disk), changed here and put back afterwards.
+  run = tiny_train_and_eval_run
+  experiment, model_dir = run['experiment'], run['model_dir']
   control = experiment.controller
-  first = control.save_checkpoint()
-  assert first.endswith('ckpt-0')
+  last = str(model_dir / 'ckpt-4')
+  assert control.last_finite == (last, 4)
   # What a diverging rate did: a batch-norm moving variance overflowed while the loss was finite.
   name = 'encoder/stem.batch_norm.moving_variance'
   variance = control.variables[name]
-  variance.assign(tf.tensor_scatter_nd_update(variance.value, [[0]], [np.inf]))
-  experiment.global_step.assign(2)
-  with pytest.raises(controller_lib.NonFiniteStateError) as raised:
-    control.save_checkpoint()
+  kept = variance.numpy()
+  try:
+    variance.assign(tf.tensor_scatter_nd_update(variance.value, [[0]], [np.inf]))
+    experiment.global_step.assign(6)
+    with pytest.raises(controller_lib.NonFiniteStateError) as raised:
+      control.save_checkpoint()
+  finally:
+    variance.assign(kept)
+    experiment.global_step.assign(4)
   assert str(raised.value) == (
-      f'non-finite values (NaN/Inf) at step 2 in 1 variable ({name}); the checkpoint of step 2 '
+      f'non-finite values (NaN/Inf) at step 6 in 1 variable ({name}); the checkpoint of step 6 '
       f'was not written and training stopped. The last checkpoint whose variables are all '
-      f'finite is {first} (step 0). Lower solver_options.base_learning_rate or enable '
+      f'finite is {last} (step 4). Lower solver_options.base_learning_rate or enable '
       f'use_gradient_clipping, then resume.')
-  assert tf.train.latest_checkpoint(str(tmp_path)) == first
-  assert not list(tmp_path.glob('ckpt-2*'))
+  assert tf.train.latest_checkpoint(str(model_dir)) == last
+  assert not list(model_dir.glob('ckpt-6*'))
 
 
 # ---- A killed checkpoint write leaves no folder behind ----
@@ -196,9 +202,10 @@ def test_hostile_too_few_cluster_centers_warn_once_naming_both_numbers(tiny_trai
   warnings = [line for line in run['stdout'].splitlines() if 'mask slots' in line]
   assert len(warnings) == 1
   match = re.fullmatch(
-      rf'\[train\] warning: a training crop before step (\d+) has (\d+) thing instances but '
-      rf'the model has only 4 mask slots \({re.escape(field)}\); the unmatched things make '
-      rf'the mask-ID loss explode \(to thousands\)\. Set {re.escape(field)} to at least (\d+)\.',
+      rf'\[train\] warning: a training crop of the loop ending at step (\d+) has (\d+) thing '
+      rf'instances but the model has only 4 mask slots \({re.escape(field)}\); the unmatched '
+      rf'things make the mask-ID loss explode \(to thousands\)\. Set {re.escape(field)} to at '
+      rf'least (\d+) \(stuff segments take slots too\)\.',
       warnings[0])
   assert match, warnings[0]
   things = int(match.group(2))
