@@ -145,7 +145,7 @@ class Experiment:
                f'unfinished checkpoint write(s) of an interrupted run.')
     latest = self.manager.latest_checkpoint
     if latest and not training:
-      # Fail here with a readable message rather than inside Orbit's restore.
+      # Fail here, before anything runs, with a readable message.
       checkpoints.restore(self.checkpoint, latest, partial=True)
     resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
     if resumed:
