@@ -5,7 +5,9 @@
         [--num_gpus=N] [--tpu=NAME]
 
 The strategy comes from the flags and TF_CONFIG (see deeplab2_kmax/trainer/strategy.py).
-Config and data errors print one line and exit with status 1.
+Config and data errors print one line and exit with status 1; so does a --model_dir that is a
+file or cannot be written, checked before anything is built. Training modes record the
+effective config and the command line in the model directory (trainer/runner.py).
 """
 
 import sys
@@ -28,10 +30,22 @@ _TPU = flags.DEFINE_string('tpu', '', 'TPU name or grpc:// address (TPUStrategy)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # Before TensorFlow is imported and anything built: a bad folder fails in a second.
+  from deeplab2_kmax.trainer import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
+  problem = model_dir_lib.model_dir_problem(_MODEL_DIR.value, _MODE.value)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 1
+  if not flags.FLAGS['verbosity'].present:
+    # The console gets one line per training loop and the eval tables; absl INFO lines from
+    # TensorFlow and Orbit (per save, per evaluation) only with --verbosity=0.
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.WARNING)
   # Imported here so that --help and flag errors do not pay for TensorFlow's start-up.
   from deeplab2_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import controller  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
@@ -39,8 +53,10 @@ def main(argv):
   try:
     strategy = strategy_lib.create_strategy(num_gpus=_NUM_GPUS.value, tpu=_TPU.value)
     config = config_flags.load_from_flags(num_replicas=strategy.num_replicas_in_sync)
-    runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy)
+    runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy,
+                          command_line=['python', '-m', 'deeplab2_kmax.train', *sys.argv[1:]])
   except (config_lib.ConfigError, pipeline.DataError, trainer.NonFiniteLossError,
+          controller.NonFiniteStateError,
           runner.NoCheckpointError, strategy_lib.StrategyError,
           checkpoints.CheckpointMismatchError, initial_checkpoint.InitialCheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)

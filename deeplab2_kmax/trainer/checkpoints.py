@@ -12,10 +12,16 @@ loss scale (`scale`, `good_steps`); a checkpoint written before it was saved sti
 the scale then starting afresh (restore returns the absent OPTIONAL_ITEMS).
 tf.train.CheckpointManager writes `ckpt-<step>.{index,data-*}` and then, atomically, the
 `checkpoint` state file; a kill at any moment therefore leaves the previous complete
-checkpoint as the latest one.
+checkpoint as the latest one. TensorFlow writes a checkpoint's shards into `ckpt-<step>_temp/`
+first and merges them into the final files; a kill during that write leaves the folder behind,
+and remove_unfinished_writes deletes such folders when the next run starts.
+
+A checkpoint is numbered by the global step it holds (`ckpt-4` holds step 4).
 """
 
+import collections.abc
 import os
+import re
 import tempfile
 from typing import Callable, Optional
 
@@ -100,6 +106,52 @@ def _absent_optional_items(checkpoint: tf.train.Checkpoint, path: str) -> dict:
   # Saved variables are keyed '<item>/<key>/.ATTRIBUTES/VARIABLE_VALUE'.
   saved_items = {name.split('/')[0] for name, _ in tf.train.list_variables(path)}
   return {name: child for name, child in wanted.items() if name not in saved_items}
+
+
+def named_variables(checkpoint: tf.train.Checkpoint) -> dict:
+  """{'<item>/<key>': variable} of every variable `checkpoint` saves (but its save counter), in
+  item order: the model components, global_step, the optimizer(s), the loss scale."""
+  result = {}
+  children = tf.train.TrackableView(checkpoint).children(checkpoint)
+  for name, child in children.items():
+    if name == 'save_counter':
+      continue
+    if isinstance(child, collections.abc.Mapping):
+      for key, variable in child.items():
+        result[f'{name}/{key}'] = variable
+    else:
+      result[name] = child
+  return result
+
+
+def non_finite_variables(variables: dict) -> list[str]:
+  """Names (keys of `variables`) of the floating-point variables holding a NaN or an Inf."""
+  found = []
+  for name, variable in variables.items():
+    # Keras variables name their dtype as a string.
+    if tf.as_dtype(variable.dtype).is_floating and not bool(
+        tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(variable)))):
+      found.append(name)
+  return found
+
+
+# TensorFlow's temporary folder of a checkpoint being written (functional_saver.py).
+_UNFINISHED_WRITE = re.compile(rf'^{CHECKPOINT_PREFIX}-\d+_temp$')
+
+
+def remove_unfinished_writes(directory: str) -> list[str]:
+  """Deletes the `ckpt-<N>_temp` folders in `directory` (left by a process killed while it
+  wrote a checkpoint) and returns their names. Call it only where no other process writes
+  checkpoints into `directory` (the trainer, before its first save)."""
+  if not tf.io.gfile.isdir(directory):
+    return []
+  removed = []
+  for name in sorted(tf.io.gfile.listdir(directory)):
+    name = name.rstrip('/')
+    if _UNFINISHED_WRITE.match(name):
+      tf.io.gfile.rmtree(os.path.join(directory, name))
+      removed.append(name)
+  return removed
 
 
 def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, global_step: tf.Variable,
@@ -224,7 +276,6 @@ def restore_latest(manager: tf.train.CheckpointManager,
   path = manager.latest_checkpoint
   if path:
     absent = restore(manager.checkpoint, path)
-    logging.info('resumed from %s', path)
     if LOSS_SCALE_ITEM in absent:
       log_fn(f'[train] {path} has no dynamic loss scale (written before the scale was '
              f'checkpointed); the mixed_float16 loss scale starts afresh at '

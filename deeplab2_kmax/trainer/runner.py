@@ -1,5 +1,5 @@
 """Assembles a run: model, loss, optimizers, checkpoints, datasets, Orbit trainer/evaluator and
-Controller, and runs one mode.
+the controller (trainer/controller.py), and runs one mode.
 
     run_experiment(config, mode='train_and_eval', model_dir='runs/x', strategy=strategy)
 
@@ -7,23 +7,31 @@ Modes: 'train' (to training_number_of_steps, checkpointing every save_checkpoint
 'eval' (the latest checkpoint once), 'train_and_eval' (evaluate every eval_interval steps and
 at the end), 'continuous_eval' (evaluate each new checkpoint until the final step or until no
 new one comes within continuous_eval_timeout seconds).
+
+Training modes first record the effective config and the command line in model_dir
+(`experiment.textproto`, `command_line.txt`: config/run_record.py; a changed config is warned
+about and the previous one kept), delete the `ckpt-<N>_temp/` folders a killed checkpoint
+write left there (one console line names them), and warn once when a training crop holds more
+thing instances than the model has mask slots (trainer.py).
 """
 
 import os
-from typing import Callable, Optional
+import sys
+from typing import Callable, Optional, Sequence
 
 from absl import logging
 import keras
-import orbit
 import tensorflow as tf
 
 from deeplab2_kmax import precision as precision_lib
+from deeplab2_kmax.config import run_record
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data import pipeline as pipeline_lib
 from deeplab2_kmax.model import builder as model_builder
 from deeplab2_kmax.model.loss import builder as loss_builder
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
 from deeplab2_kmax.trainer import checkpoints
+from deeplab2_kmax.trainer import controller as controller_lib
 from deeplab2_kmax.trainer import evaluator as evaluator_lib
 from deeplab2_kmax.trainer import initial_checkpoint
 from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
@@ -89,7 +97,8 @@ class Experiment:
   """Everything of one run, built eagerly under the strategy's scope (see module docstring)."""
 
   def __init__(self, config, mode: str, model_dir: str,
-               strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print):
+               strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print,
+               command_line: Optional[Sequence[str]] = None):
     if mode not in MODES:
       raise ValueError(f'--mode must be one of {", ".join(MODES)}, got "{mode}".')
     self.config = config
@@ -110,6 +119,11 @@ class Experiment:
     source = train_options if training else config.eval_dataset_options
     self.descriptor = datasets.from_dataset_options(source)
     chief = strategy_lib.is_chief(self.strategy)
+    if training and chief:
+      change = run_record.write_run_record(
+          model_dir, config, sys.argv if command_line is None else command_line)
+      if change:
+        log_fn(f'[train] warning: {change}')
     with self.strategy.scope():
       self.model = model_builder.build_model(config, descriptor=self.descriptor)
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name='global_step',
@@ -123,9 +137,15 @@ class Experiment:
                                                     self.loss_scale)
     self.manager = checkpoints.make_manager(self.checkpoint, model_dir, self.global_step,
                                             trainer_options, self.strategy)
+    if training:
+      # This process is the one writer of checkpoints here: no save of ours is under way.
+      removed = checkpoints.remove_unfinished_writes(self.manager.directory)
+      if removed:
+        log_fn(f'[train] removed {", ".join(removed)} from {self.manager.directory}: '
+               f'unfinished checkpoint write(s) of an interrupted run.')
     latest = self.manager.latest_checkpoint
     if latest and not training:
-      # Fail here with a readable message rather than inside Orbit's restore.
+      # Fail here, before anything runs, with a readable message.
       checkpoints.restore(self.checkpoint, latest, partial=True)
     resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
     if resumed:
@@ -163,16 +183,16 @@ class Experiment:
           _distribute(self.strategy, eval_pipeline), model_dir=model_dir if chief else None,
           log_fn=log_fn)
     total = trainer_options.solver_options.training_number_of_steps
-    steps_per_loop = max(1, min(trainer_options.steps_per_loop, total))
-    summary_interval = trainer_options.save_summaries_steps
-    if summary_interval % steps_per_loop:
-      summary_interval = steps_per_loop * max(1, summary_interval // steps_per_loop)
-    self.controller = orbit.Controller(
-        global_step=self.global_step, trainer=self.trainer, evaluator=self.evaluator,
-        strategy=self.strategy, steps_per_loop=steps_per_loop,
-        checkpoint_manager=self.manager, summary_interval=summary_interval if chief else None,
-        summary_dir=os.path.join(model_dir, 'train') if chief else None,
-        eval_summary_dir=os.path.join(model_dir, 'eval') if chief else None)
+    self.controller = controller_lib.RunController(
+        self.trainer, self.evaluator, self.global_step, self.manager, self.checkpoint,
+        steps_per_loop=max(1, min(trainer_options.steps_per_loop, total)),
+        checkpoint_interval=trainer_options.save_checkpoints_steps,
+        summary_interval=trainer_options.save_summaries_steps, total_steps=total,
+        summary_dir=model_dir if chief else None,
+        metrics_path=os.path.join(model_dir, controller_lib.METRICS_FILE) if chief else None,
+        log_fn=log_fn)
+    if resumed:
+      self.controller.note_restored(resumed)
 
   def run(self):
     """Runs the mode; returns the last evaluation results (None when nothing was evaluated)."""
@@ -185,7 +205,7 @@ class Experiment:
         self.controller.train(total)
       elif self.mode == 'train_and_eval':
         interval = eval_options.eval_interval
-        self.controller.train_and_evaluate(train_steps=total, eval_steps=eval_steps,
+        self.controller.train_and_evaluate(eval_steps=eval_steps,
                                            eval_interval=max(1, min(interval, total)))
       elif self.mode == 'eval':
         if not self.manager.latest_checkpoint:
@@ -228,6 +248,7 @@ class Experiment:
 
 
 def run_experiment(config, mode: str, model_dir: str,
-                   strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print):
+                   strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print,
+                   command_line: Optional[Sequence[str]] = None):
   """Builds an Experiment and runs it; returns the last evaluation results or None."""
-  return Experiment(config, mode, model_dir, strategy, log_fn).run()
+  return Experiment(config, mode, model_dir, strategy, log_fn, command_line).run()

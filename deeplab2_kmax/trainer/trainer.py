@@ -3,8 +3,15 @@
 Per replica, the per-example loss terms ([per-replica batch]) are summed and divided by the
 *global* batch, so the cross-replica sum of gradients is the gradient of the global-batch
 mean whatever the replica count. A step whose loss has a NaN/Inf term is not applied; the loop
-end then raises NonFiniteLossError naming that step, before Orbit saves a checkpoint, so the
-last checkpoint on disk is the last good state.
+end then raises NonFiniteLossError naming that step, before a checkpoint is saved (the
+controller, trainer/controller.py, adds which checkpoint is the last one with finite values).
+
+Each loop end leaves its console line in `last_line` (`[train] step 40/1000 loss ... lr ...
+images/s elapsed ... ETA ...`; the controller prints it) and returns the loop's scalars. It also
+counts the thing instances of each training crop: the first loop that met a crop with more
+things than the model has mask slots (num_cluster_centers, MaX-DeepLab's num_mask_slots) warns
+once through `log_fn`, naming both numbers, since every unmatched thing then adds its full
+mask-ID cross-entropy and the loss reaches thousands.
 
 Under `mixed_float16` the objective is multiplied by a dynamic loss scale and the gradients
 divided by it (trainer/loss_scale.py, Keras LossScaleOptimizer's rule, kept here because the
@@ -51,6 +58,15 @@ class NonFiniteLossError(RuntimeError):
   """Training met a NaN/Inf loss; str(error) names the step."""
 
 
+def mask_slots(model_options) -> tuple[str, int]:
+  """(config field, value) of the model's number of mask slots: kMaX's and CMT's
+  num_cluster_centers, MaX-DeepLab's num_mask_slots."""
+  meta = model_options.WhichOneof('meta_architecture')
+  options = getattr(model_options, meta)
+  name = 'num_mask_slots' if meta == 'max_deeplab' else 'num_cluster_centers'
+  return f'model_options.{meta}.{name}', int(getattr(options, name))
+
+
 class Trainer(orbit.StandardTrainer):
   """Trains `model` with `loss` (see the module docstring).
 
@@ -62,7 +78,7 @@ class Trainer(orbit.StandardTrainer):
     global_step: int64 tf.Variable, the step counter of checkpoints and schedules.
     strategy: the tf.distribute strategy everything was built under.
     train_dataset: distributed dataset of training batches.
-    log_fn: receives the console line at each loop end (default print).
+    log_fn: receives warnings (default print); the loop's line is left in `last_line`.
     post_processor: PostProcessor at the training crop; with `descriptor`, needed for the
       image summaries of trainer_options.save_images_steps (else none are written).
     descriptor: DatasetDescriptor of the training split (its colours).
@@ -108,6 +124,11 @@ class Trainer(orbit.StandardTrainer):
         # Its variables: the scale and the finite-gradient steps since it last changed.
         self.loss_scale = self.dynamic_loss_scale.value
         self.good_steps = self.dynamic_loss_scale.good_steps
+      # Most thing instances in one training crop of the current loop.
+      self.max_things = tf.Variable(0, dtype=tf.int32, trainable=False, name='max_things',
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.mask_slots_field, self.num_mask_slots = mask_slots(config.model_options)
+    self._warned_things = False
     self.images_steps = trainer_options.save_images_steps
     self.post_processor = post_processor
     self.descriptor = descriptor
@@ -132,6 +153,7 @@ class Trainer(orbit.StandardTrainer):
     self._run_start = None
     self._run_start_step = None
     self.last_logs = {}
+    self.last_line = ''
 
   # ---- Step ----
 
@@ -156,6 +178,11 @@ class Trainer(orbit.StandardTrainer):
         context.replica_id_in_sync_group, tf.int64), self.global_step])
     if self._vis is not None:
       self._keep_images(batch)
+    things = tf.constant(0, tf.int32)
+    if common.GT_THING_ID_CLASS in batch:
+      # thing_id_class_gt: int [batch, max_thing_id], -1 padding after the crop's things.
+      things = tf.reduce_max(tf.reduce_sum(
+          tf.cast(batch[common.GT_THING_ID_CLASS] >= 0, tf.int32), axis=-1))
     # Strings (image names) cannot enter an XLA-compiled step, and the loss does not read them.
     batch = {key: value for key, value in batch.items() if value.dtype != tf.string}
     scaled, gradients, bad = self._gradients_fn(batch, tf.cast(seed, tf.int32))
@@ -206,7 +233,7 @@ class Trainer(orbit.StandardTrainer):
                 lambda: None)
 
       context.merge_call(cross_replica, args=(ok, values))
-    return scaled, bad
+    return scaled, bad, things
 
   def _keep_images(self, batch):
     for key, variable in self._vis.items():
@@ -234,6 +261,7 @@ class Trainer(orbit.StandardTrainer):
     for variable in self._sums.values():
       variable.assign(0.0)
     self._count.assign(0.0)
+    self.max_things.assign(0)
     self._loop_start = time.monotonic()
     self._loop_start_step = int(self.global_step.numpy())
     if self._run_start is None:
@@ -241,7 +269,10 @@ class Trainer(orbit.StandardTrainer):
       self._run_start_step = self._loop_start_step
 
   def train_step(self, iterator):
-    scaled, bad = self.strategy.run(self._replica_step, args=(next(iterator),))
+    scaled, bad, things = self.strategy.run(self._replica_step, args=(next(iterator),))
+    # ReduceOp has no MAX: this worker's replicas (a warning needs no more).
+    self.max_things.assign(tf.maximum(self.max_things, tf.reduce_max(
+        tf.stack(self.strategy.experimental_local_results(things)))))
     for name in self.term_names:
       self._sums[name].assign_add(self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                                        scaled[name], axis=None))
@@ -257,8 +288,8 @@ class Trainer(orbit.StandardTrainer):
     if bad_step >= 0:
       raise NonFiniteLossError(
           f'non-finite (NaN/Inf) loss at step {bad_step}; training stopped and the update was '
-          f'not applied. The last checkpoint in the model directory is the last good state; '
-          f'lower solver_options.base_learning_rate or enable use_gradient_clipping.')
+          f'not applied (lower solver_options.base_learning_rate or enable '
+          f'use_gradient_clipping).')
     count = max(float(self._count.numpy()), 1.0)
     step = int(self.global_step.numpy())
     elapsed = time.monotonic() - self._loop_start
@@ -271,14 +302,23 @@ class Trainer(orbit.StandardTrainer):
     logs['images_per_second'] = images_per_second
     if self.loss_scaled:
       logs['loss_scale'] = float(self.loss_scale.numpy())
+    max_things = int(self.max_things.numpy())
+    logs['max_things_per_crop'] = float(max_things)
+    if max_things > self.num_mask_slots and not self._warned_things:
+      self._warned_things = True
+      self.log_fn(f'[train] warning: a training crop of the loop ending at step {step} has '
+                  f'{max_things} thing instances but the model has only {self.num_mask_slots} '
+                  f'mask slots ({self.mask_slots_field}); the unmatched things make the mask-ID '
+                  f'loss explode (to thousands). Set {self.mask_slots_field} to at least '
+                  f'{max_things} (stuff segments take slots too).')
     run_elapsed = time.monotonic() - self._run_start
     done = step - self._run_start_step
     eta = ((self.total_steps - step) * run_elapsed / done) if done > 0 else float('nan')
     eta_text = progress.format_duration(eta) if done > 0 else '?'
-    self.log_fn(f'[train] step {step}/{self.total_steps} loss '
-                f'{logs["losses/" + common.TOTAL_LOSS]:.6f} lr {logs["learning_rate"]:.2e} '
-                f'{images_per_second:.1f} images/s elapsed '
-                f'{progress.format_duration(run_elapsed)} ETA {eta_text}')
+    self.last_line = (f'[train] step {step}/{self.total_steps} loss '
+                      f'{logs["losses/" + common.TOTAL_LOSS]:.6f} lr '
+                      f'{logs["learning_rate"]:.2e} {images_per_second:.1f} images/s elapsed '
+                      f'{progress.format_duration(run_elapsed)} ETA {eta_text}')
     self.last_logs = logs
     if self._vis is not None and (step // self.images_steps >
                                   self._loop_start_step // self.images_steps):

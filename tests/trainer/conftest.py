@@ -1,10 +1,13 @@
 """Tiny experiment configs over the session's synthetic dataset, for runner tests."""
 
+import contextlib
+import io
 import os
 
 import pytest
 
 from deeplab2_kmax.config import loader
+from deeplab2_kmax.trainer import runner
 from tests.conftest import REPO_ROOT
 
 SYNTHETIC_CONFIG = str(REPO_ROOT / 'configs' / 'synthetic' / 'kmax_r50_os32_synthetic.textproto')
@@ -49,3 +52,28 @@ def tiny_config(data_dir, *overrides):
 @pytest.fixture
 def tiny(synthetic_data_dir):
   return lambda *overrides: tiny_config(synthetic_data_dir, *overrides)
+
+
+@pytest.fixture(scope='session')
+def tiny_train_and_eval_run(synthetic_data_dir, tmp_path_factory):
+  """One train_and_eval run of the tiny config, shared by the tests that read its outputs:
+  4 steps of one loop each, a checkpoint every 2 steps, eval and training images at step 4.
+  A `ckpt-3_temp/` folder (an interrupted checkpoint write) is planted in model_dir first.
+
+  Returns a dict: experiment, config, model_dir (pathlib.Path), results (of the last eval),
+  stdout (everything the run printed) and planted_temp (the planted folder's path).
+  """
+  config = tiny_config(synthetic_data_dir, 'trainer_options { save_images_steps: 4 '
+                       'steps_per_loop: 1 }')
+  model_dir = tmp_path_factory.mktemp('tiny_train_and_eval')
+  planted = model_dir / 'ckpt-3_temp'
+  planted.mkdir()
+  (planted / 'part-00000-of-00001.data-00000-of-00001').write_bytes(b'partial')
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    experiment = runner.Experiment(config, 'train_and_eval', str(model_dir),
+                                   command_line=['python', '-m', 'deeplab2_kmax.train',
+                                                 f'--model_dir={model_dir}'])
+    results = experiment.run()
+  return {'experiment': experiment, 'config': config, 'model_dir': model_dir,
+          'results': results, 'stdout': stdout.getvalue(), 'planted_temp': planted}

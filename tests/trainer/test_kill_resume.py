@@ -49,7 +49,7 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(synthetic_data_
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 900
   # The `checkpoint` state file is written after the checkpoint's data: once it names a
-  # checkpoint, a complete one exists (the manager saves at step 1, then every 2 steps).
+  # checkpoint, a complete one exists (saved at steps 2, 4 and 6).
   state = killed_dir / 'checkpoint'
   while time.monotonic() < deadline and process.poll() is None:
     if state.exists() and 'ckpt-' in state.read_text():

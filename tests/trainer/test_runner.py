@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab2_kmax import common
+from deeplab2_kmax.trainer import controller as controller_lib
 from deeplab2_kmax.trainer import evaluator as evaluator_lib
 from deeplab2_kmax.trainer import runner
 from deeplab2_kmax.trainer import schedule as schedule_lib
@@ -46,11 +47,11 @@ def _scalar_tags(folder):
   return tags
 
 
-def test_train_and_eval_writes_checkpoints_results_and_summaries(tiny, tmp_path):
-  config = tiny('trainer_options { save_images_steps: 4 }')
-  lines = []
-  experiment = runner.Experiment(config, 'train_and_eval', str(tmp_path), log_fn=lines.append)
-  results = experiment.run()
+def test_train_and_eval_writes_checkpoints_results_and_summaries(tiny_train_and_eval_run):
+  run = tiny_train_and_eval_run
+  experiment, config, tmp_path = run['experiment'], run['config'], run['model_dir']
+  results = run['results']
+  lines = run['stdout'].splitlines()
   # Checkpoints every 2 steps, the step counter saved with them.
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-4')
   assert os.path.exists(tmp_path / 'ckpt-2.index')
@@ -66,9 +67,9 @@ def test_train_and_eval_writes_checkpoints_results_and_summaries(tiny, tmp_path)
   assert results['step'] == 4
   # Console lines: step, loss, images/s and ETA.
   train_lines = [l for l in lines if l.startswith('[train] step')]
-  assert train_lines[0].startswith('[train] step 2/4 loss') and 'images/s' in train_lines[0]
+  assert train_lines[0].startswith('[train] step 1/4 loss') and 'images/s' in train_lines[0]
   assert 'ETA' in train_lines[0]
-  assert any('PQ' in l and 'Things' in l for l in lines)
+  assert any('PQ' in l for l in lines) and any(l.startswith('Things') for l in lines)
   # TensorBoard: loss terms, learning rate, throughput; eval metrics.
   tags = _scalar_tags(tmp_path / 'train')
   assert {'losses/total_loss', 'losses/pq_style_loss_class_term', 'learning_rate',
@@ -104,17 +105,30 @@ def test_a_longer_schedule_resumes_from_the_last_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path):
-  # A huge rate blows the weights up after the first update, so step 1's loss is not finite.
+def test_non_finite_loss_stops_naming_the_step_and_the_last_finite_checkpoint(tiny, tmp_path):
+  # A huge rate blows the weights up after the first update: either the state to save at
+  # step 1 is not finite (no checkpoint is written) or step 1's loss is not. Both stops name
+  # the last checkpoint whose variables are all finite, and no checkpoint on disk holds NaN/Inf.
   config = tiny('trainer_options { save_checkpoints_steps: 1 steps_per_loop: 1 '
                 'save_summaries_steps: 1 solver_options { base_learning_rate: 1e30 '
                 'warmup_steps: 0 optimizer: "sgd" } }')
   experiment = runner.Experiment(config, 'train', str(tmp_path), log_fn=lambda _: None)
-  with pytest.raises(trainer_lib.NonFiniteLossError, match='at step 1;'):
+  with pytest.raises((trainer_lib.NonFiniteLossError,
+                      controller_lib.NonFiniteStateError)) as raised:
     experiment.run()
-  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-1')
-  reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-1'))
-  assert reader.get_tensor('global_step/.ATTRIBUTES/VARIABLE_VALUE') == 1
+  message = str(raised.value)
+  assert 'at step 1' in message
+  state = tf.train.get_checkpoint_state(str(tmp_path))
+  paths = list(state.all_model_checkpoint_paths) if state else []
+  for path in paths:
+    reader = tf.train.load_checkpoint(path)
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+      if dtype.is_floating:
+        assert np.all(np.isfinite(reader.get_tensor(name))), (path, name)
+  if paths:
+    assert f'whose variables are all finite is {paths[-1]} (step ' in message
+  else:
+    assert 'No checkpoint with all-finite variables was written' in message
 
 
 def _run_cli(*args, env=None):
