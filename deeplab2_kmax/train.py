@@ -4,6 +4,10 @@
         --mode=train|eval|train_and_eval|continuous_eval [--config_override=...] \
         [--num_gpus=N] [--tpu=NAME]
 
+    # Published weights, evaluated as they are (downloaded and converted on the fly):
+    python -m deeplab2_kmax.train --config_file=F --model_dir=D --mode=eval \
+        --checkpoint_path=kmax_resnet50_coco_train
+
 The strategy comes from the flags and TF_CONFIG (see deeplab2_kmax/trainer/strategy.py).
 Config and data errors print one line and exit with status 1; so does a --model_dir that is a
 file or cannot be written, checked before anything is built. Training modes record the
@@ -25,6 +29,11 @@ _MODE = flags.DEFINE_enum('mode', 'train_and_eval',
                           ['train', 'eval', 'train_and_eval', 'continuous_eval'], 'What to run.')
 _NUM_GPUS = flags.DEFINE_integer('num_gpus', 0, 'GPUs to use (0: CPU; >1: MirroredStrategy).')
 _TPU = flags.DEFINE_string('tpu', '', 'TPU name or grpc:// address (TPUStrategy).')
+_CHECKPOINT_PATH = flags.DEFINE_string(
+    'checkpoint_path', None, 'With --mode=eval: evaluate this checkpoint instead of the newest '
+    'in --model_dir (results still go to --model_dir): a ckpt-N prefix, a folder of '
+    'checkpoints, a `model_zoo convert` output, or a model-zoo name (downloaded and converted '
+    'on the fly).')
 
 
 def main(argv):
@@ -33,6 +42,9 @@ def main(argv):
   # Before TensorFlow is imported and anything built: a bad folder fails in a second.
   from deeplab2_kmax.trainer import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
   problem = model_dir_lib.model_dir_problem(_MODEL_DIR.value, _MODE.value)
+  if not problem and _CHECKPOINT_PATH.value and _MODE.value != 'eval':
+    problem = (f'--checkpoint_path goes with --mode=eval only (got --mode={_MODE.value}); to '
+               'start training from a checkpoint, set model_options.initial_checkpoint.')
   if problem:
     print(f'error: {problem}', file=sys.stderr)
     return 1
@@ -51,10 +63,14 @@ def main(argv):
   from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import trainer  # pylint: disable=g-import-not-at-top
   try:
+    if _CHECKPOINT_PATH.value:
+      # Before anything is built: a wrong path or name should not cost the model's build.
+      checkpoints.resolve_checkpoint(_CHECKPOINT_PATH.value)
     strategy = strategy_lib.create_strategy(num_gpus=_NUM_GPUS.value, tpu=_TPU.value)
     config = config_flags.load_from_flags(num_replicas=strategy.num_replicas_in_sync)
     runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy,
-                          command_line=['python', '-m', 'deeplab2_kmax.train', *sys.argv[1:]])
+                          command_line=['python', '-m', 'deeplab2_kmax.train', *sys.argv[1:]],
+                          checkpoint_path=_CHECKPOINT_PATH.value)
   except (config_lib.ConfigError, pipeline.DataError, trainer.NonFiniteLossError,
           controller.NonFiniteStateError,
           runner.NoCheckpointError, strategy_lib.StrategyError,

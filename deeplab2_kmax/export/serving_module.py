@@ -49,7 +49,6 @@ in [0, 1] becomes zeros and ones): runtimes.py refuses it instead.
 `transformer_class_logits` and a post-processor, so every meta-architecture exports this way.
 """
 
-import os
 import re
 from typing import Mapping, Optional, Sequence
 
@@ -430,89 +429,8 @@ def build_serving_module(config, model=None, batch_size: Optional[int] = None,
                        include_raw_outputs=include_raw_outputs)
 
 
-class CheckpointPathError(checkpoints.CheckpointMismatchError):
-  """A --checkpoint_path names no checkpoint; str(error) names it and what would be right."""
-
-
-_CHECKPOINT_FORMS = ('a checkpoint prefix such as runs/x/ckpt-1000 (the files ckpt-1000.index '
-                     'and ckpt-1000.data-*), a folder of checkpoints (the newest is used), or a '
-                     'model-zoo name (`python -m deeplab2_kmax.model_zoo list`)')
-
-
-def resolve_checkpoint(checkpoint_path: str, flag: str = '--checkpoint_path') -> str:
-  """The checkpoint prefix that checkpoint_path names, checked before any model is built.
-
-  Args:
-    checkpoint_path: a ckpt-N prefix; a folder (a run directory: its newest checkpoint; a
-      folder holding one checkpoint, such as a `model_zoo convert` output or an extracted
-      archive); or a model-zoo name (downloaded into the cache unless it is there already,
-      model_zoo/download.py).
-    flag: the command-line flag it came from, for messages.
-
-  Raises:
-    CheckpointPathError: naming the path and the accepted forms.
-  """
-  # Imported here: the model zoo imports the trainer, which export does not otherwise need.
-  from deeplab2_kmax.model_zoo import download  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model_zoo import registry  # pylint: disable=g-import-not-at-top
-  path = checkpoint_path
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest:
-      return latest
-    try:
-      return download.find_checkpoint_prefix(path)
-    except download.DownloadError:
-      raise CheckpointPathError(f'no checkpoint in {path} ({flag}); train first, or give '
-                                f'{_CHECKPOINT_FORMS}.') from None
-  if tf.io.gfile.exists(path + '.index'):
-    return path
-  if tf.io.gfile.exists(path):
-    for suffix in ('.index', '.data-'):
-      if suffix in os.path.basename(path):
-        prefix = path[:path.rindex(suffix)]
-        raise CheckpointPathError(f'{flag} {path} is one file of a checkpoint; pass its '
-                                  f'prefix {prefix}.')
-    raise CheckpointPathError(f'{flag} {path} is a file, not a checkpoint; give '
-                              f'{_CHECKPOINT_FORMS}.')
-  entries = registry.load_registry()
-  if path in entries:
-    if entries[path].kind == registry.KIND_BACKBONE:
-      raise CheckpointPathError(
-          f'{flag} "{path}" is an ImageNet backbone ({entries[path].backbone}), not a '
-          'segmentation model; give a kmax_* or max_deeplab_* name, or a checkpoint trained '
-          f'from it (its config is {entries[path].config}).')
-    try:
-      return download.fetch_checkpoint(path, entries)
-    except (download.DownloadError, download.UnsafeArchiveError) as error:
-      raise CheckpointPathError(f'{flag} "{path}" is a model-zoo name but cannot be fetched: '
-                                f'{error}') from None
-  close = [name for name in entries if '/' not in path and (path in name or name in path)]
-  hint = f' (model-zoo names close to it: {", ".join(close[:5])})' if close else ''
-  raise CheckpointPathError(f'{flag} {path} does not exist{hint}; give {_CHECKPOINT_FORMS}.')
-
-
-def restore_model(model, checkpoint_path: str) -> str:
-  """Restores every model variable from checkpoint_path (resolve_checkpoint's forms); returns
-  the checkpoint read, for messages.
-
-  A checkpoint of our layout (a runner checkpoint, or `model_zoo convert`'s output) is read as
-  it is; one in DeepLab2's layout (a model-zoo download) is converted in memory
-  (model_zoo/convert.py), and every variable of the model must receive a value.
-
-  Raises:
-    CheckpointPathError: checkpoint_path names no checkpoint.
-    checkpoints.CheckpointMismatchError: a variable is missing or has another shape.
-    convert.ConversionError (a ValueError): a DeepLab2 checkpoint that does not fit the model.
-  """
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
-  path = resolve_checkpoint(checkpoint_path)
-  keys = [name for name, _ in tf.train.list_variables(path)]
-  if convert.is_deeplab2_layout(keys):
-    report = convert.from_deeplab2(tf.train.load_checkpoint(path), model, source=path)
-    report.check()
-    convert.assign(model, report.values)
-    return f'{path} (DeepLab2 layout, converted)'
-  # Optimizer slots and the step in the file are not needed; every model variable must be found.
-  checkpoints.restore_model_weights(model, path)
-  return path
+# Checkpoint paths and restores live with the other checkpoint code (trainer/checkpoints.py);
+# export's callers and tests name them through this module.
+CheckpointPathError = checkpoints.CheckpointPathError
+resolve_checkpoint = checkpoints.resolve_checkpoint
+restore_model = checkpoints.restore_model

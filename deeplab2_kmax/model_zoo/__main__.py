@@ -73,7 +73,7 @@ def _convert(args) -> int:
   from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
-  source = initial_checkpoint.resolve_checkpoint_path(args.source)
+  source = initial_checkpoint.resolve_checkpoint_path(args.source, '--from')
   # Read before the (slower) model build, so that a wrong --from fails at once.
   if args.to_deeplab2:
     values = _read_source(args, source, convert.read_our_checkpoint)

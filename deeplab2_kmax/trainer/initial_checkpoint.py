@@ -24,8 +24,6 @@ from typing import Callable, Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from deeplab2_kmax.model_zoo import download
-from deeplab2_kmax.model_zoo import registry
 from deeplab2_kmax.trainer import checkpoints
 
 _OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
@@ -67,17 +65,19 @@ def _live(items: dict, path: str):
 def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bool = True,
                                restore_instance_last_layer: bool = True,
                                encoder_only: bool = False,
-                               log_fn: Optional[Callable[[str], None]] = print) -> dict:
-  """Copies matching variables from `path` into `model` (see the module docstring).
+                               log_fn: Optional[Callable[[str], None]] = print,
+                               field: str = 'model_options.initial_checkpoint') -> dict:
+  """Copies matching variables from `path` into `model` (see the module docstring); `field`
+  (the config field `path` came from) names it in errors.
 
   Returns:
     {'restored': [paths], 'skipped': {path: reason}, 'missing': [model paths not in the file]}.
   """
-  path = resolve_checkpoint_path(path)
+  path = resolve_checkpoint_path(path, field)
   try:
     keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-  except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
-    raise _unreadable(path, error) from None
+  except (tf.errors.OpError, ValueError, RuntimeError) as error:  # OpError: a bad .index
+    raise _unreadable(path, error, field) from None
   # Imported here: model_zoo.convert imports this module.
   from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
   if convert.is_deeplab2_layout(keys):
@@ -94,35 +94,24 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
                        encoder_only, log_fn)
 
 
-def _unreadable(path: str, error: Exception) -> InitialCheckpointError:
-  return InitialCheckpointError(f'model_options.initial_checkpoint "{path}" cannot be read: '
+def _unreadable(path: str, error: Exception,
+                field: str = 'model_options.initial_checkpoint') -> InitialCheckpointError:
+  return InitialCheckpointError(f'{field} "{path}" cannot be read: '
                                 f'{str(error).splitlines()[0]}')
 
 
-def resolve_checkpoint_path(path: str) -> str:
-  """A checkpoint prefix for `path`: a zoo name (fetched into the cache), a folder (its latest
-  checkpoint) or a prefix."""
-  if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + '.index'):
-    entries = registry.load_registry()
-    if path in entries:
-      try:
-        return download.fetch_checkpoint(path, entries)
-      except (download.DownloadError, download.UnsafeArchiveError) as error:
-        raise InitialCheckpointError(
-            f'model_options.initial_checkpoint "{path}" is a model-zoo name but cannot be '
-            f'fetched: {error}') from None
-  if tf.io.gfile.isdir(path):
-    # Our model directories have a `checkpoint` state file; extracted archives one .index.
-    latest = tf.train.latest_checkpoint(path)
-    if latest:
-      return latest
-    try:
-      return download.find_checkpoint_prefix(path)
-    except download.DownloadError:
-      raise InitialCheckpointError(
-          f'model_options.initial_checkpoint "{path}" is a folder without a checkpoint; '
-          f'give a checkpoint prefix such as {path}/ckpt-1000.') from None
-  return path
+def resolve_checkpoint_path(path: str, field: str = 'model_options.initial_checkpoint') -> str:
+  """A checkpoint prefix for a checkpoint to start from (`field`: the config field or flag
+  it came from, for messages): a zoo name (fetched into the cache; ImageNet backbones too), a
+  folder (its latest checkpoint) or a prefix (checkpoints.resolve_checkpoint).
+
+  Raises:
+    InitialCheckpointError: naming the path and what would be right.
+  """
+  try:
+    return checkpoints.resolve_checkpoint(path, field, allow_backbones=True)
+  except checkpoints.CheckpointPathError as error:
+    raise InitialCheckpointError(str(error)) from None
 
 
 def _convert_deeplab2(model, path: str, output: str, encoder_only: bool, log_fn) -> str:
@@ -149,7 +138,7 @@ def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
   """restore_initial_checkpoint for a checkpoint prefix in our layout."""
   try:
     reader, variables = checkpoint_variables(path)
-  except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
+  except (tf.errors.OpError, ValueError, RuntimeError) as error:  # OpError: a bad .index
     raise _unreadable(path, error) from None
   components = {name: checkpoints.variables_by_path(component.weights, strip_components=2)
                 for name, component in model.components().items()}

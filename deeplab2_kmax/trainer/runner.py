@@ -48,7 +48,8 @@ def _restore_pretrained(model, model_options, log_fn) -> None:
   Either may be ours, a DeepLab2 checkpoint or a model-zoo name."""
   if model_options.backbone.pretrained_weights:
     initial_checkpoint.restore_initial_checkpoint(
-        model, model_options.backbone.pretrained_weights, encoder_only=True, log_fn=log_fn)
+        model, model_options.backbone.pretrained_weights, encoder_only=True, log_fn=log_fn,
+        field='model_options.backbone.pretrained_weights')
   if model_options.initial_checkpoint:
     initial_checkpoint.restore_initial_checkpoint(
         model, model_options.initial_checkpoint,
@@ -98,9 +99,16 @@ class Experiment:
 
   def __init__(self, config, mode: str, model_dir: str,
                strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print,
-               command_line: Optional[Sequence[str]] = None):
+               command_line: Optional[Sequence[str]] = None,
+               checkpoint_path: Optional[str] = None):
     if mode not in MODES:
       raise ValueError(f'--mode must be one of {", ".join(MODES)}, got "{mode}".')
+    if checkpoint_path and mode != 'eval':
+      raise ValueError(f'--checkpoint_path={checkpoint_path} goes with --mode=eval only (got '
+                       f'--mode={mode}); to start training from a checkpoint, set '
+                       'model_options.initial_checkpoint.')
+    # eval of a given checkpoint (a path or a model-zoo name) instead of model_dir's newest.
+    self.checkpoint_path = checkpoint_path
     self.config = config
     self.mode = mode
     self.model_dir = model_dir
@@ -144,7 +152,11 @@ class Experiment:
         log_fn(f'[train] removed {", ".join(removed)} from {self.manager.directory}: '
                f'unfinished checkpoint write(s) of an interrupted run.')
     latest = self.manager.latest_checkpoint
-    if latest and not training:
+    if checkpoint_path:
+      # Our layout, or DeepLab2's (a model-zoo download) converted in memory.
+      restored = checkpoints.restore_model(self.model, checkpoint_path)
+      log_fn(f'[eval] evaluating {restored}')
+    elif latest and not training:
       # Fail here, before anything runs, with a readable message.
       checkpoints.restore(self.checkpoint, latest, partial=True)
     resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
@@ -208,11 +220,14 @@ class Experiment:
         self.controller.train_and_evaluate(eval_steps=eval_steps,
                                            eval_interval=max(1, min(interval, total)))
       elif self.mode == 'eval':
-        if not self.manager.latest_checkpoint:
-          raise NoCheckpointError(f'no checkpoint in {self.model_dir} to evaluate; train first '
-                                  f'(--mode=train) or point --model_dir at a trained run.')
-        # Optimizer slots in the file are not needed; every model variable must be found.
-        checkpoints.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
+        if not self.checkpoint_path:
+          if not self.manager.latest_checkpoint:
+            raise NoCheckpointError(
+                f'no checkpoint in {self.model_dir} to evaluate; train first (--mode=train), '
+                'point --model_dir at a trained run, or name one with --checkpoint_path (a '
+                'checkpoint or a model-zoo name).')
+          # Optimizer slots in the file are not needed; every model variable must be found.
+          checkpoints.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
         self.controller.evaluate(eval_steps)
       else:
         self._evaluate_continuously(eval_steps, eval_options.continuous_eval_timeout, total)
@@ -249,6 +264,8 @@ class Experiment:
 
 def run_experiment(config, mode: str, model_dir: str,
                    strategy: Optional[tf.distribute.Strategy] = None, log_fn: Callable = print,
-                   command_line: Optional[Sequence[str]] = None):
+                   command_line: Optional[Sequence[str]] = None,
+                   checkpoint_path: Optional[str] = None):
   """Builds an Experiment and runs it; returns the last evaluation results or None."""
-  return Experiment(config, mode, model_dir, strategy, log_fn, command_line).run()
+  return Experiment(config, mode, model_dir, strategy, log_fn, command_line,
+                    checkpoint_path).run()

@@ -283,7 +283,7 @@ def test_hostile_checkpoint_of_another_architecture_is_refused_with_a_summary(
   assert cli.main(['convert', f'--from={tmp_path / "nothing"}', f'--config_file={config}',
                    f'--output={tmp_path / "x"}']) == 2
   assert capsys.readouterr().err.startswith(
-      f'error: --from={tmp_path / "nothing"}: no readable checkpoint at ')
+      f'error: --from {tmp_path / "nothing"} does not exist; give a checkpoint prefix')
 
   # The export's restore (restore_model_weights) of a training checkpoint of the ResNet model.
   path = checkpoints.make_checkpoint(resnet, [], tf.Variable(3, dtype=tf.int64)).write(

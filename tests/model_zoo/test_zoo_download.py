@@ -256,5 +256,9 @@ def test_initial_checkpoint_resolves_a_cached_zoo_name_offline(cache):
   tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(folder / 'ckpt-150000'))
   assert initial_checkpoint.resolve_checkpoint_path('kmax_resnet50_coco_train') == str(
       folder / 'ckpt-150000')
-  # Names that are neither zoo entries nor files stay paths (their error comes on reading).
-  assert initial_checkpoint.resolve_checkpoint_path('no_such_checkpoint') == 'no_such_checkpoint'
+  # A name that is neither a zoo entry nor a file is refused at once, naming the config field
+  # and a close zoo name.
+  with pytest.raises(initial_checkpoint.InitialCheckpointError,
+                     match=r'model_options.initial_checkpoint kmax_resnet50_coco_trai does not '
+                     r'exist \(model-zoo names close to it: kmax_resnet50_coco_train'):
+    initial_checkpoint.resolve_checkpoint_path('kmax_resnet50_coco_trai')

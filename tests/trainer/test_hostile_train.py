@@ -213,3 +213,43 @@ def test_hostile_too_few_cluster_centers_warn_once_naming_both_numbers(tiny_trai
   with open(run['model_dir'] / controller_lib.METRICS_FILE) as f:
     seen = [json.loads(line).get('max_things_per_crop', 0) for line in f]
   assert max(seen) == things
+
+
+# ---- eval of a named checkpoint (a path here; zoo names resolve in checkpoints.resolve_checkpoint,
+# tests/export/test_hostile_serving.py) ----
+
+def test_hostile_eval_of_a_named_checkpoint_equals_the_runs_own_eval(tiny_train_and_eval_run,
+                                                                    tmp_path):
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  run = tiny_train_and_eval_run
+  logs = []
+  experiment = runner.Experiment(run['config'], 'eval', str(tmp_path / 'eval_only'),
+                                 log_fn=logs.append,
+                                 checkpoint_path=str(run['model_dir']))  # its newest: ckpt-4
+  results = experiment.run()
+  assert any(line.startswith('[eval] evaluating ') and line.endswith('ckpt-4') for line in logs)
+  want = run['results']
+  for group, values in want['panoptic_quality'].items():
+    for name, value in values.items():
+      assert results['panoptic_quality'][group][name] == pytest.approx(value, abs=1e-6), (
+          group, name)
+  assert results['miou']['miou'] == pytest.approx(want['miou']['miou'], abs=1e-6)
+  assert results['num_images'] == want['num_images'] == 8
+  with pytest.raises(ValueError, match='--checkpoint_path=.* goes with --mode=eval only'):
+    runner.Experiment(run['config'], 'train', str(tmp_path / 'train'),
+                      checkpoint_path=str(run['model_dir']))
+
+
+def test_hostile_train_cli_refuses_checkpoint_path_outside_eval_and_a_missing_one(tmp_path):
+  result, _ = _run_train_cli(f'--model_dir={tmp_path / "m"}', '--mode=train',
+                             '--checkpoint_path=kmax_resnet50_coco_train')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: --checkpoint_path goes with --mode=eval only (got --mode=train); to start '
+      'training from a checkpoint, set model_options.initial_checkpoint.')
+  result, _ = _run_train_cli(f'--model_dir={tmp_path / "m"}', '--mode=eval',
+                             f'--checkpoint_path={tmp_path / "nothing_here"}')
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: --checkpoint_path {tmp_path / "nothing_here"} does not exist'), (
+      result.stderr)

@@ -53,8 +53,15 @@ def test_restores_all_but_class_dependent_layers_and_reports_them(synthetic_data
 
 def test_unreadable_checkpoint_names_the_field(tiny, tmp_path):
   model = builder.build_model(tiny())
-  with pytest.raises(ValueError, match='initial_checkpoint .*cannot be read'):
+  with pytest.raises(ValueError, match='^model_options.initial_checkpoint .* does not exist'):
     initial_checkpoint.restore_initial_checkpoint(model, str(tmp_path / 'nothing'))
+  with pytest.raises(ValueError, match='^model_options.backbone.pretrained_weights .* does not '):
+    initial_checkpoint.restore_initial_checkpoint(
+        model, str(tmp_path / 'nothing'), field='model_options.backbone.pretrained_weights')
+  (tmp_path / 'garbage.index').write_bytes(b'not a checkpoint index')
+  with pytest.raises(ValueError, match='^model_options.initial_checkpoint ".*garbage" cannot be '
+                     'read'):
+    initial_checkpoint.restore_initial_checkpoint(model, str(tmp_path / 'garbage'))
 
 
 def test_eval_of_a_checkpoint_from_another_config_says_which_and_what_to_do(tiny, tmp_path):
