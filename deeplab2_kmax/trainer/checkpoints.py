@@ -257,17 +257,27 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -
     # The same objects less the absent items (save_counter is the Checkpoint's own).
     checkpoint = tf.train.Checkpoint(**{name: child for name, child in children.items()
                                         if name not in absent and name != 'save_counter'})
+  status = None
   try:
     status = checkpoint.restore(path)
     if partial:
       status = status.expect_partial()
     status.assert_existing_objects_matched()
   except (ValueError, AssertionError) as error:
+    if status is not None:
+      status.expect_partial()   # No TensorFlow warning per value left unrestored.
+    fix = ('the config changed since it was written: use the config it was trained with, or a '
+           'new --model_dir.')
+    children = tf.train.TrackableView(checkpoint).children(checkpoint)
+    # The model's components and the optimizers: dicts of variables (make_checkpoint).
+    items = {name: dict(child) for name, child in children.items()
+             if isinstance(child, collections.abc.Mapping) and name not in OPTIONAL_ITEMS}
+    mismatch = CheckpointMismatchError.compare(items, path, fix) if items else None
+    if mismatch:
+      raise mismatch from None
     detail = str(error).splitlines()[0][:300]
     raise CheckpointMismatchError(
-        f'checkpoint {path} does not fit the configured model ({detail}); the config changed '
-        f'since it was written: use the config it was trained with, or a new --model_dir.'
-    ) from None
+        f'checkpoint {path} does not fit the configured model ({detail}); {fix}') from None
   return sorted(absent)
 
 

@@ -73,5 +73,12 @@ def test_eval_of_a_checkpoint_from_another_config_says_which_and_what_to_do(tiny
   (tmp_path / 'checkpoint').write_text('model_checkpoint_path: "ckpt-3"\n'
                                        'all_model_checkpoint_paths: "ckpt-3"\n')
   with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match=r'ckpt-3 does not fit the configured model .*new --model_dir'):
+                     match=r'ckpt-3 does not fit the configured model: \d+ model variables '
+                     r'match, 0 are missing from it, [1-9]\d* have another shape.*new '
+                     r'--model_dir') as info:
     runner.Experiment(tiny(), 'eval', str(tmp_path), log_fn=lambda _: None)
+  # A summary: the differing variables (the 2 vs 4 cluster centers) by name and shape.
+  lines = str(info.value).splitlines()
+  assert ('  shape  transformer_decoder/cluster_centers: [1, 2, 16] in the checkpoint, '
+          '[1, 4, 16] in the model') in lines[1:], lines
+  assert len(lines) < 20, lines
