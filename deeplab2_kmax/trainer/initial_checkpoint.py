@@ -187,10 +187,14 @@ def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
 
 
 def format_table(path: str, table: dict) -> str:
-  lines = [f'[init] {path}: restored {len(table["restored"])} variables, skipped '
-           f'{len(table["skipped"])}, {len(table["missing"])} model variables not restored']
-  lines += [f'  restored  {p}' for p in table['restored']]
-  lines += [f'  skipped   {p}: {why}' for p, why in table['skipped'].items()
-            if why != 'not a model component being restored']
-  lines += [f'  missing   {p}' for p in table['missing']]
-  return '\n'.join(lines)
+  """The log of a restore: counts, the first few skipped and missing variables, and a text
+  file with every row (a real model has thousands of variables: they do not belong on the
+  console)."""
+  rows = ([('skipped', f'{p}: {why}') for p, why in table['skipped'].items()
+           if why != 'not a model component being restored']
+          + [('missing', p) for p in table['missing']]
+          + [('restored', p) for p in table['restored']])
+  headline = (f'[init] {path}: restored {len(table["restored"])} variables, skipped '
+              f'{len(table["skipped"])}, {len(table["missing"])} model variables not restored')
+  return checkpoints.format_variable_report(headline, rows, listing_name='initial_checkpoint',
+                                            limit=5)

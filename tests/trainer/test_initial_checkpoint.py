@@ -45,6 +45,15 @@ def test_restores_all_but_class_dependent_layers_and_reports_them(synthetic_data
   assert not any(p.startswith('predictor/transformer_class_head.') for p in table['restored'])
   assert any(p.startswith('transformer_decoder/') for p in table['restored'])
   assert lines and lines[0].startswith('[init] ') and 'skipped' in lines[0]
+  # A summary on the console (at most 5 rows of each kind), every row in the file it names.
+  log = lines[0].splitlines()
+  assert len(log) <= 1 + 3 * 6 + 1, log
+  listing = log[-1].strip()
+  assert listing.startswith('(every variable: ') and listing.endswith('.txt)'), log
+  with open(listing[len('(every variable: '):-1], encoding='utf-8') as f:
+    listed = f.read().splitlines()
+  assert len(listed) >= 1 + len(table['restored']) + len(table['missing'])
+  assert sum(line.startswith('restored') for line in listed) == len(table['restored'])
 
   # With the flags left true, the differing class heads are skipped for their shape.
   table = initial_checkpoint.restore_initial_checkpoint(target, path, log_fn=None)
