@@ -47,6 +47,7 @@ from deeplab2_kmax import command_line
 from deeplab2_kmax import common
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import export as export_lib
+from deeplab2_kmax import output_folder
 from deeplab2_kmax.export import runtimes
 from deeplab2_kmax import progress as progress_lib
 from deeplab2_kmax import visualization
@@ -235,22 +236,12 @@ def output_stems(files: list[str]) -> list[str]:
 
 def prepare_output_dir(output_dir: str) -> None:
   """Creates output_dir and its folders, or raises ValueError saying why it cannot be one."""
-  path = output_dir
-  while path and not tf.io.gfile.exists(path):
-    parent = os.path.dirname(path.rstrip('/'))
-    path = parent if parent != path else ''
-  if path and not tf.io.gfile.isdir(path):
-    what = ('is a file, not a folder' if path == output_dir else
-            f'cannot be created: {path} is a file')
-    raise ValueError(f'--output_dir {output_dir} {what}; give a folder (it is created if '
-                     'missing).')
-  try:
-    for folder in (PANOPTIC_DIR, OVERLAY_DIR, SEGMENTS_DIR):
-      tf.io.gfile.makedirs(os.path.join(output_dir, folder))
-  except (tf.errors.OpError, OSError) as error:
-    reason = getattr(error, 'message', None) or str(error)
-    raise ValueError(f'--output_dir {output_dir}: cannot create its folders '
-                     f'({reason.splitlines()[0]}).') from None
+  problem = output_folder.problem('--output_dir', output_dir,
+                                  'it is created if missing; the predictions go there')
+  if problem:
+    raise ValueError(problem)
+  for folder in (PANOPTIC_DIR, OVERLAY_DIR, SEGMENTS_DIR):
+    tf.io.gfile.makedirs(os.path.join(output_dir, folder))
 
 
 def _legend_font():

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from deeplab2_kmax import command_line
+from deeplab2_kmax import output_folder
 from deeplab2_kmax.config import flags as config_flags
 
 config_flags.define_config_flags()
@@ -40,8 +41,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Before TensorFlow is imported and anything built: a bad folder fails in a second.
-  from deeplab2_kmax.trainer import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
-  problem = model_dir_lib.model_dir_problem(_MODEL_DIR.value, _MODE.value)
+  # Training creates --model_dir; evaluation leaves a missing one to its own message (there is
+  # no checkpoint to evaluate, or continuous_eval waits for a trainer to create it).
+  problem = output_folder.problem('--model_dir', _MODEL_DIR.value, 'checkpoints, summaries and '
+                                  'eval results go there',
+                                  create=_MODE.value in ('train', 'train_and_eval'))
   if not problem and _CHECKPOINT_PATH.value and _MODE.value != 'eval':
     problem = (f'--checkpoint_path goes with --mode=eval only (got --mode={_MODE.value}); to '
                'start training from a checkpoint, set model_options.initial_checkpoint.')

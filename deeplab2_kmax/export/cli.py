@@ -12,6 +12,7 @@ from google.protobuf import text_format
 import tensorflow as tf
 
 from deeplab2_kmax import command_line
+from deeplab2_kmax import output_folder
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.config import flags as config_flags
@@ -107,21 +108,10 @@ def format_precisions(formats, requested: str, flags_: Optional[frozenset] = Non
 
 def prepare_output_path(output_path: str) -> None:
   """Creates the export's base folder, or raises ValueError saying why it cannot be one."""
-  path = output_path
-  while path and not tf.io.gfile.exists(path):
-    parent = os.path.dirname(path.rstrip('/'))
-    path = parent if parent != path else ''
-  if path and not tf.io.gfile.isdir(path):
-    what = ('is a file, not a folder' if path == output_path else
-            f'cannot be created: {path} is a file')
-    raise ValueError(f'--output_path {output_path} {what}; give the folder that holds the '
-                     'version folders (TF Serving\'s model base path).')
-  try:
-    tf.io.gfile.makedirs(output_path)
-  except (tf.errors.OpError, OSError) as error:
-    reason = getattr(error, 'message', None) or str(error)
-    raise ValueError(f'--output_path {output_path}: cannot create it '
-                     f'({reason.splitlines()[0]}).') from None
+  problem = output_folder.problem('--output_path', output_path, "TF Serving's model base path: "
+                                  'the version folders go there')
+  if problem:
+    raise ValueError(problem)
 
 
 def existing_versions(output_path: str) -> list[int]:

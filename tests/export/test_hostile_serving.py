@@ -171,7 +171,7 @@ def test_hostile_predict_folder_with_bad_images(exported, tmp_path):
   status, stdout, stderr = output_is_file
   assert status == 1 and not stdout
   assert stderr == (f'error: --output_dir {a_file} is a file, not a folder; give a folder (it '
-                    'is created if missing).\n')
+                    'is created if missing; the predictions go there).\n')
 
 
 # ---- the SavedModel and the runtimes ----
@@ -279,8 +279,8 @@ def test_hostile_export_bad_paths_are_one_line_before_the_model(exported, tmp_pa
   messages = [
       f'{exported.directory} already holds an export (--version=1); pass --overwrite to replace '
       'it, or --version=2',
-      f'--output_path {a_file} is a file, not a folder; give the folder that holds the version '
-      "folders (TF Serving's model base path).",
+      f"--output_path {a_file} is a file, not a folder; give a folder (TF Serving's model base "
+      'path: the version folders go there).',
       f'--output_path {a_file / "sub"} cannot be created: {a_file} is a file;',
       f'--checkpoint_path {missing} does not exist; give a checkpoint prefix such as '
       'runs/x/ckpt-1000 (the files ckpt-1000.index and ckpt-1000.data-*), a folder of '
