@@ -17,6 +17,9 @@ def resize_align_corners(inputs, size):
   if inputs.shape[1] == height and inputs.shape[2] == width:
     return inputs
   dtype = inputs.dtype
-  x = tf.compat.v1.image.resize_bilinear(tf.cast(inputs, tf.float32), [height, width],
-                                         align_corners=True)
+  # The op tf.compat.v1.image.resize_bilinear runs, without its deprecation warning (which
+  # every command line printed at the model's build).
+  x = tf.raw_ops.ResizeBilinear(images=tf.cast(inputs, tf.float32),
+                                size=tf.constant([height, width], tf.int32), align_corners=True,
+                                half_pixel_centers=False)
   return tf.cast(x, dtype)
