@@ -8,17 +8,20 @@ once without recording its inner operations; the backward pass runs it again on 
 inputs under a local tape and differentiates that. Every trainable variable read inside gets its
 gradient (custom_gradient hands them to the gradient function as `variables`).
 
-Two side effects of the second run are handled or stated:
+Two side effects of the second run are handled:
 - Batch-norm moving statistics: the recomputation runs with the moving-average updates
   switched off (normalization.moving_average_updates_off), so one step updates them once, as
   the plain step does. The recomputed forward still normalises with the batch moments.
-- Random draws (drop path): the recomputation draws new masks, so with drop path on the
-  gradient of a recomputed part belongs to another mask than its forward output. Exact only
-  with drop path off (keep probability 1) in the recomputed parts; docs/training.md.
+- Random draws (drop path): the forward run records its drop-path masks and the
+  recomputation reuses them (drop_path.recorded_masks / replayed_masks), so the gradient
+  belongs to the masks of the forward output. The masks are [batch, 1, ..., 1] tensors of the
+  same graph. Other random ops inside a recomputed part would draw again; there are none (the
+  ASPP's dropout is in the semantic decoder, which is never recomputed).
 """
 
 import tensorflow as tf
 
+from deeplab2_kmax.model.layers import drop_path
 from deeplab2_kmax.model.layers import normalization
 
 ENCODER = 'encoder'
@@ -42,17 +45,20 @@ def call(fn, inputs):
   flat_inputs = tf.nest.flatten(inputs)
   structure = []
   runs = []
+  masks = []
 
   def flat_fn(*flat):
     # The first run is the forward pass; any later one is a recomputation in a backward pass
-    # (one per tape.gradient call), which must not move the moving statistics again.
+    # (one per tape.gradient call), which must not move the moving statistics again and must
+    # use the forward pass's drop-path masks.
     first = not runs
     runs.append(None)
     packed = tf.nest.pack_sequence_as(inputs, list(flat))
     if first:
-      outputs = fn(packed)
+      with drop_path.recorded_masks(masks):
+        outputs = fn(packed)
     else:
-      with normalization.moving_average_updates_off():
+      with normalization.moving_average_updates_off(), drop_path.replayed_masks(masks):
         outputs = fn(packed)
     if first:
       structure.append(outputs)
