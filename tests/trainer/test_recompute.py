@@ -1,6 +1,7 @@
 """trainer_options.recompute (model/recompute.py): the step with recomputed activations equals
-the plain step, on the tiny synthetic config with drop path and the ASPP dropout off (their
-masks are drawn again by a recomputation; docs/training.md).
+the plain step, on the tiny synthetic config with drop path and the ASPP dropout off (random
+draws differ between two plain steps too), and with drop path on when its draws are made
+deterministic (the recomputation reuses the forward pass's masks).
 
 - Per part and all together: the model's gradient of a fixed objective of all its training
   outputs, in graph mode, from the same weights and images (every trainable variable gets a
@@ -9,18 +10,26 @@ masks are drawn again by a recomputation; docs/training.md).
   (updated once, not once more by the recomputation).
 - The trainer's whole step (loss with Hungarian matching, all parts recomputed): loss terms,
   gradients and moving statistics; then one applied step through the Orbit loop.
+- Drop path: the recomputation replays the forward pass's masks.
 - Validation refuses an unknown part, naming the field, the value and the valid names.
 """
+
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from deeplab2_kmax import common
+from deeplab2_kmax.config import loader
 from deeplab2_kmax.config import validation
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model import recompute
+from deeplab2_kmax.model.layers import drop_path
 from deeplab2_kmax.trainer import runner
+from tests.conftest import REPO_ROOT
+from tests.trainer.conftest import TINY_OVERRIDE
+from tests.trainer.conftest import tiny_config
 
 # Drop path is 1.0 in the synthetic config; the ASPP dropout off; two transformer layers at
 # two strides, so a recomputed layer's gradient passes through another one; a third of the
@@ -64,7 +73,6 @@ def _model_gradients(model, images, parts):
 
 @pytest.fixture(scope='module')
 def tiny_model(synthetic_data_dir):
-  from tests.trainer.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data_dir, _DETERMINISTIC)
   model = builder.build_model(config)
   images = tf.constant(np.random.RandomState(0).uniform(0, 255, (2, 33, 33, 3)), tf.float32)
@@ -112,6 +120,80 @@ def test_model_gradients_equal_plain(tiny_model, parts):
     np.testing.assert_allclose(moving[path], value, rtol=1e-6, atol=1e-9, err_msg=path)
 
 
+_DROP_PATH = ('model_options { backbone { drop_path_keep_prob: 0.5 } '
+              'kmax { pixel_decoder { drop_path_keep_prob: 0.5 } '
+              'transformer_decoder_drop_path_keep_prob: 0.5 } }')
+_CMT_CONFIG = str(REPO_ROOT / 'configs' / 'synthetic' / 'cmt_r50_os32_synthetic_demo.textproto')
+
+
+def _variant_config(data_dir, variant):
+  """The tiny config with drop path 0.5 in every part: kMaX (ResNet), kMaX with a ConvNeXt
+  encoder, or CMT (two layers at two strides: the pixel update is carried between them)."""
+  if variant == 'cmt':
+    os.environ[common.ENV_SYNTHETIC_DATA_DIR] = str(data_dir)
+    to_cmt = lambda text: text.replace('kmax {', 'cmt {')
+    config = loader.load_config(_CMT_CONFIG, [to_cmt(TINY_OVERRIDE), to_cmt(_DETERMINISTIC),
+                                              to_cmt(_DROP_PATH)])
+    assert config.model_options.WhichOneof('meta_architecture') == common.META_CMT
+    return config
+  overrides = [_DETERMINISTIC, _DROP_PATH]
+  if variant == 'convnext':
+    overrides.append('model_options { backbone { name: "convnext_tiny" } }')
+  return tiny_config(data_dir, *overrides)
+
+
+@pytest.mark.parametrize('variant', ['kmax', 'convnext', 'cmt'])
+def test_drop_path_masks_of_the_forward_pass_are_reused(synthetic_data_dir, monkeypatch,
+                                                        variant):
+  """Drop path on in all three parts (keep 0.5), with draws made deterministic per trace (a
+  Python counter, so the plain and the recomputed traces draw the same masks in the same
+  order): the recomputed step's gradient and moving statistics equal the plain one's; the
+  gradient does only because the recomputation replays the forward pass's masks (kMaX:
+  drawing again, as tf.recompute_grad alone does, gives another gradient)."""
+  model = builder.build_model(_variant_config(synthetic_data_dir, variant))
+  images = tf.constant(np.random.RandomState(1).uniform(0, 255, (2, 33, 33, 3)), tf.float32)
+  weights = [v.numpy() for v in model.variables]
+  draws = []
+
+  def uniform(shape):
+    draws.append(None)
+    # Samples 0 and 1 get (0.1 + 0.37 k) mod 1 and that + 0.5: one of them dropped at keep 0.5.
+    values = tf.math.floormod(0.1 + 0.37 * len(draws) + 0.5 * tf.range(2, dtype=tf.float32),
+                              1.0)
+    return tf.reshape(values[:shape[0]], shape)
+
+  monkeypatch.setattr(drop_path, '_uniform', uniform)
+
+  def gradients(parts):
+    for variable, value in zip(model.variables, weights):
+      variable.assign(value)
+    draws.clear()
+    _, result = _model_gradients(model, images, parts)
+    return ([tf.convert_to_tensor(g).numpy() for g in result], len(draws),
+            _moving_statistics(model))
+
+  reference, plain_draws, plain_moving = gradients([])
+  # Every part draws masks (encoder stages 4 and 5 or ConvNeXt blocks, the pixel-decoder
+  # stages, 3 (CMT: 4) per transformer layer).
+  assert plain_draws >= 10
+  recomputed, recomputed_draws, moving = gradients(list(recompute.PARTS))
+  assert recomputed_draws == plain_draws
+  distance = _relative_distance(recomputed, reference)
+  print(variant, 'drop path 0.5, masks replayed: gradient distance', distance)
+  assert distance < _TOLERANCE, distance
+  for path, value in plain_moving.items():
+    np.testing.assert_allclose(moving[path], value, rtol=1e-6, atol=1e-9, err_msg=path)
+  if variant != 'kmax':
+    return
+  # Without the replay the recomputation draws other masks: another gradient.
+  monkeypatch.setattr(drop_path, 'replayed_masks', lambda masks: drop_path.recorded_masks([]))
+  redrawn, redrawn_draws, _ = gradients(list(recompute.PARTS))
+  assert redrawn_draws > plain_draws
+  distance = _relative_distance(redrawn, reference)
+  print('drop path 0.5, masks drawn again: gradient distance', distance)
+  assert distance > 1e-3, distance
+
+
 def _moving_statistics(model):
   return {v.path: v.numpy() for v in model.variables
           if 'moving_mean' in v.path or 'moving_variance' in v.path}
@@ -122,7 +204,6 @@ def tiny_experiment(synthetic_data_dir, tmp_path_factory):
   """An Experiment with every part recomputed, its initial weights, its first batch (which its
   trainer's dataset now repeats), and the plain step's (recompute off) losses, gradients and
   moving statistics from those weights."""
-  from tests.trainer.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data_dir, _DETERMINISTIC,
                        'trainer_options { recompute: "encoder" recompute: "pixel_decoder" '
                        'recompute: "transformer_decoder" }')
