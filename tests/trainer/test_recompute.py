@@ -191,7 +191,9 @@ def test_drop_path_masks_of_the_forward_pass_are_reused(synthetic_data_dir, monk
   assert redrawn_draws > plain_draws
   distance = _relative_distance(redrawn, reference)
   print('drop path 0.5, masks drawn again: gradient distance', distance)
-  assert distance > 1e-3, distance
+  # Measured 0.008 and 0.049 (the initial weights are random); recomputed with the same
+  # masks it is 1e-7.
+  assert distance > 1e-4, distance
 
 
 def _moving_statistics(model):
