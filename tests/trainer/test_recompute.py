@@ -88,11 +88,19 @@ def tiny_model(synthetic_data_dir):
 
 @pytest.mark.parametrize('parts', [[recompute.ENCODER], [recompute.PIXEL_DECODER],
                                    [recompute.TRANSFORMER_DECODER], list(recompute.PARTS)])
-def test_model_gradients_equal_plain(tiny_model, parts):
+def test_model_gradients_equal_plain(tiny_model, parts, monkeypatch):
   model = tiny_model['model']
   for variable, value in zip(model.variables, tiny_model['weights']):
     variable.assign(value)
+  # Count the recomputed blocks (a built part is recomputed, else silently run plain).
+  blocks = []
+  original = recompute.call
+  monkeypatch.setattr(recompute, 'call',
+                      lambda fn, inputs: blocks.append(None) or original(fn, inputs))
   loss, gradients = _model_gradients(model, tiny_model['images'], parts)
+  # ResNet stages 2..5, the pixel decoder, two transformer layers.
+  expected = {recompute.ENCODER: 4, recompute.PIXEL_DECODER: 1, recompute.TRANSFORMER_DECODER: 2}
+  assert len(blocks) == sum(expected[part] for part in parts)
   reference = tiny_model['gradients']
   assert all(g is not None for g in gradients)
   gradients = [tf.convert_to_tensor(g).numpy() for g in gradients]
