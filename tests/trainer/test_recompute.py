@@ -305,3 +305,12 @@ def test_validation_refuses_unknown_part(tiny):
   # The valid names pass.
   config = tiny(f'trainer_options {{ {" ".join(f"recompute: {chr(34)}{p}{chr(34)}" for p in recompute.PARTS)} }}')
   assert list(config.trainer_options.recompute) == list(recompute.PARTS)
+
+
+def test_validation_refuses_recompute_for_max_deeplab(synthetic_data_dir):
+  os.environ[common.ENV_SYNTHETIC_DATA_DIR] = str(synthetic_data_dir)
+  path = REPO_ROOT / 'configs' / 'synthetic' / 'max_deeplab_s_os16_synthetic_demo.textproto'
+  with pytest.raises(Exception) as error:
+    loader.load_config(str(path), ['trainer_options { recompute: "encoder" }'])
+  message = str(error.value)
+  assert 'trainer_options.recompute' in message and 'max_deeplab' in message
