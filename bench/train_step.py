@@ -2,11 +2,13 @@
 Hungarian matching, backward, optimizer update).
 
     python bench/train_step.py --config_file=F [--crop=641] [--batch=2] [--dtype=fp32|bf16]
-        [--jit_compile] [--steps=3]
+        [--jit_compile] [--steps=3] [--recompute=encoder,pixel_decoder,transformer_decoder]
 
 Feeds one synthetic batch (a grid of thing and stuff segments of the config's dataset) over
 and over, and prints one JSON line: first step (tracing + run), median step after one warm-up
-step, and the process's peak RSS.
+step, the process's peak RSS and, when a GPU is present, TensorFlow's peak memory of GPU:0
+(`get_memory_info('GPU:0')['peak']`). `--recompute` sets trainer_options.recompute (the parts
+whose activations the backward pass recomputes; `all` for every part).
 """
 
 import json
@@ -30,6 +32,9 @@ _BATCH = flags.DEFINE_integer('batch', 2, 'Global batch size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'fp32', ['fp32', 'bf16'], 'Compute precision.')
 _JIT = flags.DEFINE_boolean('jit_compile', False, 'Compile forward + backward with XLA.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps after the warm-up step.')
+_RECOMPUTE = flags.DEFINE_list(
+    'recompute', [], 'trainer_options.recompute: comma-separated parts (encoder, '
+    'pixel_decoder, transformer_decoder) or "all"; default none.')
 
 _POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16'}
 
@@ -69,14 +74,23 @@ def main(argv):
   from deeplab2_kmax.trainer import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
+  from deeplab2_kmax.model import recompute  # pylint: disable=g-import-not-at-top
+
   crop, batch = _CROP.value, _BATCH.value
+  parts = list(recompute.PARTS) if _RECOMPUTE.value == ['all'] else _RECOMPUTE.value
+  unknown = [part for part in parts if part not in recompute.PARTS]
+  if unknown:
+    raise app.UsageError(f'--recompute: unknown part(s) {unknown}; use "all" or some of '
+                         f'{", ".join(recompute.PARTS)}')
+  recompute_field = ' '.join(f'recompute: "{part}"' for part in parts)
   override = (f'train_dataset_options {{ crop_size: [{crop}, {crop}] batch_size: {batch} }} '
               f'trainer_options {{ mixed_precision_policy: "{_POLICIES[_DTYPE.value]}" '
-              f'jit_compile: {str(_JIT.value).lower()} }}')
+              f'jit_compile: {str(_JIT.value).lower()} {recompute_field} }}')
   config = loader.load_config(_CONFIG_FILE.value, [*_CONFIG_OVERRIDE.value, override],
                               environ=loader.PlaceholderEnvironment(), validate=False)
   descriptor = builder.dataset_descriptor(config)
-  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  gpus = tf.config.list_physical_devices('GPU')
+  strategy = tf.distribute.OneDeviceStrategy('/gpu:0' if gpus else '/cpu:0')
   with strategy.scope():
     model = builder.build_model(config, descriptor=descriptor)
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -96,12 +110,18 @@ def main(argv):
   first = run()
   run()
   times = [run() for _ in range(_STEPS.value)]
+  gpu_peak = None
+  if gpus:
+    # Peak bytes TensorFlow's allocator held on GPU:0 since the process started.
+    gpu_peak = round(tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**30, 2)
   print(json.dumps({
       'benchmark': 'train_step', 'config': os.path.basename(_CONFIG_FILE.value),
       'crop': crop, 'batch': batch, 'dtype': _DTYPE.value, 'jit_compile': _JIT.value,
+      'recompute': list(config.trainer_options.recompute),
       'first_step_s': round(first, 3), 'median_step_s': round(statistics.median(times), 3),
       'steps_s': [round(t, 3) for t in times],
       'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+      'peak_gpu_gb': gpu_peak,
       'params': int(model.count_params()), 'total_loss': trainer.last_logs.get(
           'losses/total_loss'), 'cpus': os.cpu_count(), 'machine': platform.machine()}))
 

@@ -20,6 +20,8 @@ COPY_PASTE_OPTIONS = ('random', 'none', 'all')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 LEARNING_POLICIES = ('poly', 'cosine')
 PRECISION_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
+# Values of trainer_options.recompute (model/recompute.PARTS; kmax and cmt only).
+RECOMPUTE_PARTS = ('encoder', 'pixel_decoder', 'transformer_decoder')
 RAW_PANOPTIC_FORMATS = ('two_channel_png', 'three_channel_png', 'two_channel_numpy_array')
 EXPORT_INPUT_TYPES = ('image_tensor', 'image_bytes', 'tf_example')
 PIXEL_DECODER_BLOCK_TYPES = ('axial', 'bottleneck')
@@ -384,6 +386,11 @@ def _check_trainer(c: _Checker, trainer):
           'trainer_options.mixed_precision_policy',
           f'"{trainer.mixed_precision_policy}" is unknown; use one of '
           f'{", ".join(PRECISION_POLICIES)}')
+  for value in trainer.recompute:
+    c.check(value in RECOMPUTE_PARTS, 'trainer_options.recompute',
+            f'"{value}" is unknown; use one of {", ".join(RECOMPUTE_PARTS)}')
+  c.check(len(set(trainer.recompute)) == len(trainer.recompute), 'trainer_options.recompute',
+          f'names a part twice: {list(trainer.recompute)}')
   c.check(solver.optimizer in OPTIMIZERS, 'trainer_options.solver_options.optimizer',
           f'"{solver.optimizer}" is unknown; use one of {", ".join(OPTIMIZERS)}')
   c.check(solver.learning_policy in LEARNING_POLICIES,
@@ -466,6 +473,11 @@ def find_problems(config: config_pb2.ExperimentOptions, num_replicas: int = 1) -
           'no dataset options; give train_dataset_options and/or eval_dataset_options')
   _check_model(c, config, descriptor)
   _check_trainer(c, config.trainer_options)
+  if config.trainer_options.recompute:
+    meta_name = config.model_options.WhichOneof('meta_architecture')
+    c.check(meta_name in (common.META_KMAX, common.META_CMT), 'trainer_options.recompute',
+            f'{list(config.trainer_options.recompute)} is set but {meta_name} cannot recompute '
+            'activations (kmax and cmt can); remove trainer_options.recompute')
   if config.trainer_options.loss_options.HasField('reference_mask_loss'):
     meta_name = config.model_options.WhichOneof('meta_architecture')
     c.check(meta_name == common.META_CMT and config.model_options.cmt.use_reference_masks,

@@ -242,4 +242,7 @@ def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None,
     # function per map shape (and TF warn about the retracing) only to build the variables.
     with inference_fusion.disabled():
       model(np.zeros([1, height, width, 3], np.float32), training=False)
+  if experiment_options.trainer_options.recompute:
+    # Training-mode calls only; applies once the sub-networks are built (the build above).
+    model.set_recompute(experiment_options.trainer_options.recompute)
   return model

@@ -10,12 +10,16 @@ semantic head is used), `pixel_space_normalized_feature` [batch, h, w, embedding
 and in training `auxiliary_outputs_pred`: one dict per transformer layer with the same three
 MaX keys (CMT: plus `reference_mask_logits`), the dense ones resized (align corners) to the
 final output size.
+
+`set_recompute(parts)` (trainer_options.recompute) makes training-mode calls recompute the
+activations of those parts in the backward pass instead of keeping them (model/recompute.py).
 """
 
 import keras
 import tensorflow as tf
 
 from deeplab2_kmax import common
+from deeplab2_kmax.model import recompute
 from deeplab2_kmax.model.layers import resize
 
 _DENSE_AUXILIARY_KEYS = (common.PRED_PIXEL_SPACE_MASK_LOGITS,
@@ -46,6 +50,32 @@ class KMaXDeepLab(keras.Model):
     self.predictor = predictor
     self.semantic_decoder = semantic_decoder
     self.semantic_head = semantic_head
+    self.recompute_pixel_decoder = False
+
+  def set_recompute(self, parts):
+    """Recomputes the activations of `parts` (values of recompute.PARTS) in training."""
+    parts = set(parts)
+    unknown = parts - set(recompute.PARTS)
+    if unknown:
+      raise ValueError(f'Unknown recompute parts {sorted(unknown)}; use {recompute.PARTS}.')
+    if self.pixel_decoder is None and parts:
+      raise ValueError('MaX-DeepLab has no recomputable parts.')
+    self.encoder.recompute_stages = recompute.ENCODER in parts
+    self.recompute_pixel_decoder = recompute.PIXEL_DECODER in parts
+    self.transformer_decoder.recompute_layers = recompute.TRANSFORMER_DECODER in parts
+
+  def _pixel_decoder(self, endpoints, training):
+    if not (training and self.recompute_pixel_decoder and self.pixel_decoder.built):
+      return self.pixel_decoder(endpoints, training=training)
+    # Only the endpoints the decoder reads go in and only the ones it adds come out, so the
+    # recomputed block holds no pass-through tensors.
+    inputs = {key: endpoints[key] for key in self.pixel_decoder.input_endpoints()}
+
+    def decode(inputs):
+      outputs = self.pixel_decoder(inputs, training=True)
+      return {key: value for key, value in outputs.items() if key not in inputs}
+
+    return {**endpoints, **recompute.call(decode, inputs)}
 
   def build(self, input_shape):
     # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
@@ -57,7 +87,7 @@ class KMaXDeepLab(keras.Model):
     x = tf.cast(x, self.compute_dtype)
     endpoints = self.encoder(x, training=training)
     if self.pixel_decoder is not None:  # MaX-DeepLab's encoder decodes and has the memory
-      endpoints = self.pixel_decoder(endpoints, training=training)
+      endpoints = self._pixel_decoder(endpoints, training)
       endpoints = self.transformer_decoder(endpoints, training=training)
     results = dict(self.predictor(endpoints, training=training))
     if self.semantic_head is not None:

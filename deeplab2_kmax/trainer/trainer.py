@@ -34,6 +34,10 @@ reaches a multiple of save_images_steps writes them to TensorBoard with the mode
 
 With trainer_options.jit_compile the per-replica forward, loss and backward are one XLA
 cluster (the Hungarian matching included); the optimizer update stays outside it.
+
+trainer_options.recompute is the model's business (model/recompute.py, set by the model
+builder): the parts it names recompute their activations inside `tape.gradient` of this step,
+with the forward pass's drop-path masks and without a second batch-norm update.
 """
 
 import time

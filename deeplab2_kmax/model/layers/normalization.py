@@ -9,12 +9,36 @@ variables of both have the same shapes and a checkpoint converts without reshape
 
 Statistics are always computed in float32, whatever the compute dtype, because variances of
 bfloat16 activations lose most of their precision.
+
+Inside `moving_average_updates_off()` a training-mode call normalises with the batch moments as
+usual but leaves the moving averages alone: the recomputation of an activation-recomputed part
+in the backward pass (model/recompute.py) runs under it, so a step updates them once.
 """
 
+import contextlib
 import functools
+import threading
 
 import keras
 import tensorflow as tf
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def moving_average_updates_off():
+  """Training-mode BatchNorm calls (traced or run) inside do not update moving statistics."""
+  previous = getattr(_STATE, 'updates_off', False)
+  _STATE.updates_off = True
+  try:
+    yield
+  finally:
+    _STATE.updates_off = previous
+
+
+def moving_average_updates_are_off() -> bool:
+  return getattr(_STATE, 'updates_off', False)
 
 
 def _replica_context():
@@ -140,6 +164,8 @@ class BatchNorm(keras.layers.Layer):
     return tf.cast(outputs, self.compute_dtype)
 
   def _update_moving_averages(self, mean, variance):
+    if moving_average_updates_are_off():
+      return
     self.moving_mean.assign(
         self.momentum * self.moving_mean
         + (1.0 - self.momentum) * tf.reshape(mean, self._param_shape))

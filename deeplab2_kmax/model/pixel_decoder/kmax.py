@@ -91,6 +91,10 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
     # explicit build() stops Keras from tracing call() symbolically just to build.
     del input_shape
 
+  def input_endpoints(self):
+    """The encoder endpoints call() reads."""
+    return list(self._endpoint_names)
+
   def call(self, endpoints, training=None):
     endpoints = dict(endpoints)
     x = inference_fusion.layer_norm(self._backbone_norms[0], endpoints[self._endpoint_names[0]],

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from deeplab2_kmax.model import recompute
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import drop_path
 
@@ -149,6 +150,9 @@ class ConvNeXt(keras.layers.Layer):
                                    name=f'convnext_block_{i}_{j}', dtype=policy))
         index += 1
       self.stages.append(stage)
+    # trainer_options.recompute "encoder": each stage (its downsampler and blocks) is
+    # recomputed in the backward pass (model/recompute.py); not part of the config.
+    self.recompute_stages = False
 
   def build(self, input_shape):
     # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
@@ -160,15 +164,29 @@ class ConvNeXt(keras.layers.Layer):
     endpoints = {}
     x = inputs
     for i in range(4):
-      x = self.downsample_layers[i](x)
-      if i == 0:
-        endpoints['stage1'] = x
-      for block in self.stages[i]:
-        x = block(x, training=training)
+      if training and self.recompute_stages and self.stages[i][-1].built:
+        if i == 0:  # the stem's output is an endpoint: keep it outside the recomputed block
+          x = self.downsample_layers[0](x)
+          endpoints['stage1'] = x
+          x = recompute.call(lambda y: self._stage(0, y, training, downsample=False), x)
+        else:
+          x = recompute.call(lambda y, i=i: self._stage(i, y, training), x)
+      else:
+        x = self.downsample_layers[i](x)
+        if i == 0:
+          endpoints['stage1'] = x
+        x = self._stage(i, x, training, downsample=False)
       endpoints[f'stage{i + 2}'] = x
     for i in range(1, 6):
       endpoints[f'res{i}'] = gelu(endpoints[f'stage{i}'])
     return endpoints
+
+  def _stage(self, index, x, training, downsample=True):
+    if downsample:
+      x = self.downsample_layers[index](x)
+    for block in self.stages[index]:
+      x = block(x, training=training)
+    return x
 
   def get_config(self):
     config = super().get_config()

@@ -14,6 +14,7 @@ are their activations. With crop k * 32 + 1, `stageN` is (crop - 1) / 2^N + 1 wi
 
 import keras
 
+from deeplab2_kmax.model import recompute
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import blocks
 from deeplab2_kmax.model.layers import drop_path
@@ -87,6 +88,9 @@ class ResNet(normalization.NormLayerSerializable, keras.layers.Layer):
           int(round(input_stride * 32 * self.width_multiplier)), num_blocks, strides=2,
           block_type=group_type, drop_path_keep_prob=keep_probs, activation=activation,
           norm_layer=self.norm_layer, name=f'stage{index + 2}', dtype=policy))
+    # trainer_options.recompute "encoder": each stage's activations are recomputed in the
+    # backward pass (model/recompute.py); a training option, not part of the config.
+    self.recompute_stages = False
 
   def _keep_prob(self, current_stride):
     if current_stride < DROP_PATH_BEYOND_STRIDE:
@@ -106,7 +110,10 @@ class ResNet(normalization.NormLayerSerializable, keras.layers.Layer):
     x = self._stem(inputs, training=training)
     endpoints['stage1'] = x
     for index, stage in enumerate(self._stages):
-      x = stage(x, training=training)
+      if training and self.recompute_stages and stage.built:
+        x = recompute.call(lambda y, stage=stage: stage(y, training=True), x)
+      else:
+        x = stage(x, training=training)
       endpoints[f'stage{index + 2}'] = x
     for index in range(1, 6):
       endpoints[f'res{index}'] = self._activation_fn(endpoints[f'stage{index}'])

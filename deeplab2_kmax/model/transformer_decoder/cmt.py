@@ -318,7 +318,7 @@ class CMTTransformerDecoder(kmax.KMaXTransformerDecoder):
           pixels = self._carry(f'pixel_carry_to_stride{stride}', change, pixels, training)
         start = pixels
         previous_stride = stride
-      centers, pixels, auxiliary, _ = layer((pixels, centers), training=training)
+      centers, pixels, auxiliary, _ = self.call_layer(layer, (pixels, centers), training)
       auxiliary_outputs.append(auxiliary)
     endpoints = self.finish(endpoints, centers, auxiliary_outputs, training=training)
     if self.update_pixel_features and pixels is not None:

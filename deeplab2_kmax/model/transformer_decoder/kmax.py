@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax import common
+from deeplab2_kmax.model import recompute
 from deeplab2_kmax.model.heads import max_head
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import attention_operation
@@ -219,6 +220,9 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
         self.channels, 'class_embedding_projection', **conv_args)
     self._mask_embedding_projection = convolutions.Conv1D(
         self.channels, 'mask_embedding_projection', **conv_args)
+    # trainer_options.recompute "transformer_decoder": each layer's activations are
+    # recomputed in the backward pass (model/recompute.py); not part of the config.
+    self.recompute_layers = False
 
   def _make_layer(self, index, **layer_args):
     """The decoder's layer `index`; subclasses (CMT) return their own layer type."""
@@ -245,10 +249,16 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
     centers = self.initial_centers(endpoints)
     auxiliary_outputs = []
     for layer, stride in zip(self._kmax_decoder, self._layer_strides):
-      centers, auxiliary = layer((endpoints[self.endpoint_for_stride(stride)], centers),
-                                 training=training)
+      centers, auxiliary = self.call_layer(
+          layer, (endpoints[self.endpoint_for_stride(stride)], centers), training)
       auxiliary_outputs.append(auxiliary)
     return self.finish(endpoints, centers, auxiliary_outputs, training=training)
+
+  def call_layer(self, layer, inputs, training):
+    """layer(inputs), recomputed in the backward pass with recompute_layers (in training)."""
+    if training and self.recompute_layers and layer.built:
+      return recompute.call(lambda x: layer(x, training=True), inputs)
+    return layer(inputs, training=training)
 
   def finish(self, endpoints, centers, auxiliary_outputs, training=None):
     """Adds the class/mask embeddings of the final centers and the head inputs."""
