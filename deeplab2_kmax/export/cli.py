@@ -1,14 +1,12 @@
 """Command line of deeplab2_kmax.export (run as `python -m deeplab2_kmax.export`)."""
 
 import os
-import shlex
 import sys
 from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
-from google.protobuf import text_format
 import tensorflow as tf
 
 from deeplab2_kmax import command_line
@@ -16,6 +14,7 @@ from deeplab2_kmax import output_folder
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.config import flags as config_flags
+from deeplab2_kmax.config import run_record
 from deeplab2_kmax.export import litert_format
 from deeplab2_kmax.export import onnx_format
 from deeplab2_kmax.export import runtimes
@@ -23,9 +22,9 @@ from deeplab2_kmax.export import saved_model as saved_model_lib
 from deeplab2_kmax.export import serving_module as serving_lib
 from deeplab2_kmax.trainer import checkpoints
 
-# Written into <version>/assets.extra by write_run_record.
-EXPERIMENT_FILE = 'experiment.textproto'
-COMMAND_LINE_FILE = 'command_line.txt'
+# Written into <version>/assets.extra by config/run_record.py (as into a training model_dir).
+EXPERIMENT_FILE = run_record.CONFIG_FILE
+COMMAND_LINE_FILE = run_record.COMMAND_LINE_FILE
 # Formats that compute in float32 whatever --precision says (no bfloat16 kernels worth using).
 _FLOAT32_ONLY_FORMATS = ('onnx', 'litert')
 
@@ -154,22 +153,6 @@ def choose_version(output_path: str, flag_version: Optional[int], options,
   return version
 
 
-def write_run_record(directory: str, config, argv) -> list[str]:
-  """Writes the effective config and the command line into directory/assets.extra (what
-  produced this export; TF Serving ignores the folder); returns the two paths."""
-  folder = os.path.join(directory, saved_model_lib.ASSETS_EXTRA)
-  tf.io.gfile.makedirs(folder)
-  config_path = os.path.join(folder, EXPERIMENT_FILE)
-  with tf.io.gfile.GFile(config_path, 'w') as f:
-    f.write('# The effective config of this export (after ${VAR} substitution and '
-            '--config_override).\n')
-    f.write(text_format.MessageToString(config))
-  command_path = os.path.join(folder, COMMAND_LINE_FILE)
-  with tf.io.gfile.GFile(command_path, 'w') as f:
-    f.write(' '.join(shlex.quote(arg) for arg in argv) + '\n')
-  return [config_path, command_path]
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -216,9 +199,10 @@ def main(argv):
     # Every format's folder carries the label space (SavedModel writes it itself).
     if 'saved_model' not in formats:
       saved_model_lib.write_descriptor(directory, next(iter(modules.values())).descriptor)
-    write_run_record(directory, config,
-                     [os.path.basename(sys.executable), '-m', 'deeplab2_kmax.export'] +
-                     sys.argv[1:])
+    # What produced this export (TF Serving ignores assets.extra).
+    run_record.write_run_record(
+        os.path.join(directory, saved_model_lib.ASSETS_EXTRA), config,
+        [os.path.basename(sys.executable), '-m', 'deeplab2_kmax.export'] + sys.argv[1:])
   except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, ValueError,
           ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
