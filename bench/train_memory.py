@@ -17,11 +17,14 @@ variable it reached, in one tf.function as the trainer does, on one synthetic ba
 | step                | the whole model                         | the real loss (matching,     |
 |                     |                                         | mask-ID cross-entropy, ...)  |
 
-Two figures per run: `peak_rss_gb` (the process's peak resident memory over three steps: what
-the host must have) and `forward_activation_gb` (the bytes of every floating-point tensor the
-traced forward computes, gradient ops excluded: an upper bound of what the backward pass
-keeps, independent of the allocator). Run each part in its own process (the peak RSS of a
-process never goes down) and subtract consecutive parts.
+Three figures per run: `peak_rss_gb` (the process's peak resident memory over three steps: what
+the host must have), `forward_activation_gb` (the bytes of every floating-point tensor the
+traced forward computes: an upper bound of what the backward pass keeps) and `retained_gb`
+(the bytes of the forward tensors that a gradient op reads, i.e. what waits in memory from the
+forward to the backward pass, before Grappler; independent of the allocator), with
+`retained_by_scope_gb` splitting it by the model's sub-networks and the loss (`--top` largest
+tensors are listed under `largest_retained`). Run each part in its own process (the peak RSS of
+a process never goes down) and subtract consecutive parts.
 """
 
 import json
@@ -44,6 +47,9 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PARTS = ('built', 'encoder', 'pixel_decoder', 'transformer_decoder', 'model', 'step')
 _PART = flags.DEFINE_enum('part', 'step', PARTS, 'Where the step is cut (module docstring).')
+_TOP = flags.DEFINE_integer('top', 0, 'List this many of the largest retained tensors.')
+_TRACE_ONLY = flags.DEFINE_boolean('trace_only', False,
+                                   'Trace the step and report the graph figures; run nothing.')
 
 
 def _surrogate(tensors):
@@ -54,21 +60,43 @@ def _surrogate(tensors):
   return tf.add_n(values)
 
 
-def forward_activation_bytes(graph) -> int:
-  """Bytes of the floating-point outputs of the forward ops of a traced step (gradient ops,
-  named under the tape's scope, excluded; unknown dimensions count as 1)."""
-  total = 0
-  for op in graph.get_operations():
-    if op.name.startswith(('gradient_tape/', 'gradients/')) or op.type in (
-        'ReadVariableOp', 'Const', 'VarHandleOp', 'Placeholder', 'Identity'):
+def _tensor_bytes(tensor) -> int:
+  """Bytes of a tensor of static shape (unknown dimensions count as 1)."""
+  if tensor.shape.rank is None:
+    return 0
+  elements = 1
+  for dim in tensor.shape:
+    elements *= dim if dim is not None else 1
+  return elements * tensor.dtype.size
+
+
+def forward_activation_bytes(forward_ops) -> int:
+  """Bytes of the floating-point outputs of the forward ops of a traced step."""
+  return sum(_tensor_bytes(output) for op in forward_ops
+             if op.type not in ('ReadVariableOp', 'Const', 'VarHandleOp', 'Placeholder',
+                                'Identity')
+             for output in op.outputs if output.dtype.is_floating)
+
+
+def _scope(op_name: str) -> str:
+  """'kmax_deeplab_1/encoder_1/stage2_1/...' -> 'encoder'; ops outside the model -> 'loss'."""
+  parts = op_name.split('/')
+  if len(parts) > 2 and parts[0].startswith(('kmax_deeplab', 'cmt_deeplab', 'max_deeplab')):
+    return parts[1].rsplit('_', 1)[0] if parts[1].rsplit('_', 1)[-1].isdigit() else parts[1]
+  return 'loss'
+
+
+def retained_for_backward(forward_ops, backward_ops):
+  """The forward tensors a backward op reads (variables excluded): [(bytes, op, tensor)]."""
+  backward = set(backward_ops)
+  retained = []
+  for op in forward_ops:
+    if op.type in ('ReadVariableOp', 'VarHandleOp', 'Const'):
       continue
     for output in op.outputs:
-      if output.dtype.is_floating and output.shape.rank is not None:
-        elements = 1
-        for dim in output.shape:
-          elements *= dim if dim is not None else 1
-        total += elements * output.dtype.size
-  return total
+      if any(consumer in backward for consumer in output.consumers()):
+        retained.append((_tensor_bytes(output), op, output))
+  return retained
 
 
 def main(argv):
@@ -99,6 +127,8 @@ def main(argv):
                                     config.train_dataset_options.max_thing_id)
   variables = model.trainable_variables
 
+  boundary = []   # How many ops the traced forward has: the rest are the backward's.
+
   @tf.function
   def run(batch_data):
     with tf.GradientTape() as tape:
@@ -116,13 +146,21 @@ def main(argv):
         if part == 'transformer_decoder':
           endpoints = model.transformer_decoder(endpoints, training=True)
         objective = _surrogate(endpoints)
+    boundary.append(len(tf.compat.v1.get_default_graph().get_operations()))
     gradients = tape.gradient(objective, variables)
     return objective, [g for g in gradients if g is not None]
 
-  times, reached, activations = [], 0, 0
+  times, reached, activations, retained = [], 0, 0, []
   if part != 'built':
-    concrete = run.get_concrete_function(data)
-    activations = forward_activation_bytes(concrete.graph)
+    operations = run.get_concrete_function(data).graph.get_operations()
+    forward_ops, backward_ops = operations[:boundary[0]], operations[boundary[0]:]
+    activations = forward_activation_bytes(forward_ops)
+    retained = retained_for_backward(forward_ops, backward_ops)
+  by_scope = {}
+  for size, op, _ in retained:
+    by_scope[_scope(op.name)] = by_scope.get(_scope(op.name), 0) + size
+  largest = sorted(retained, key=lambda item: -item[0])[:_TOP.value]
+  if part != 'built' and not _TRACE_ONLY.value:
     for _ in range(train_step._STEPS.value):  # pylint: disable=protected-access
       start = time.perf_counter()
       _, gradients = run(data)
@@ -133,6 +171,11 @@ def main(argv):
       'part': part, 'crop': crop, 'batch': batch, 'dtype': train_step._DTYPE.value,  # pylint: disable=protected-access
       'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
       'forward_activation_gb': round(activations / 2**30, 3),
+      'retained_gb': round(sum(size for size, _, _ in retained) / 2**30, 3),
+      'retained_by_scope_gb': {scope: round(size / 2**30, 3) for scope, size in sorted(
+          by_scope.items(), key=lambda item: -item[1])},
+      **({'largest_retained': [f'{size / 2**20:.1f} MB {op.type} {tensor.shape} {op.name}'
+                               for size, op, tensor in largest]} if largest else {}),
       'variables_with_gradient': reached, 'trainable_variables': len(variables),
       'first_step_s': round(times[0], 1) if times else None,
       'median_step_s': round(statistics.median(times[1:]), 2) if len(times) > 1 else None,

@@ -15,6 +15,7 @@ from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resize
+from tests.model import retained_tensors
 
 
 def test_gelu_is_exact_erf_form():
@@ -235,6 +236,51 @@ def test_gelu_under_bfloat16_matches_float32():
                              rtol=1e-2, atol=1e-2)
 
 
+def test_gelu_gradient_equals_op_by_op_gradient():
+  # The hand-written gradient (Phi(x) + x phi(x)) against TF's differentiation of the erfc
+  # formula, over the range where either term dominates, in float32 and bfloat16.
+  x = tf.constant(np.concatenate([np.linspace(-9, 9, 181), [0.0, -30.0, 30.0]]), tf.float32)
+  upstream = tf.constant(np.random.RandomState(3).normal(size=x.shape), tf.float32)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    ours = activations.get_activation('gelu')(x) * upstream
+    reference = tf.nn.gelu(x, approximate=False) * upstream
+  np.testing.assert_allclose(tape.gradient(ours, x), tape.gradient(reference, x),
+                             rtol=1e-6, atol=1e-7)
+  expected = [0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2)
+              / math.sqrt(2 * math.pi) for v in np.linspace(-3, 3, 7)]
+  with tf.GradientTape() as tape:
+    points = tf.constant(np.linspace(-3, 3, 7), tf.float32)
+    tape.watch(points)
+    total = tf.reduce_sum(activations.get_activation('gelu')(points))
+  np.testing.assert_allclose(tape.gradient(total, points), expected, rtol=1e-6)
+  x16 = tf.cast(x, tf.bfloat16)
+  with tf.GradientTape() as tape:
+    tape.watch(x16)
+    y16 = activations.get_activation('gelu')(x16)
+  gradient16 = tape.gradient(y16, x16)
+  assert gradient16.dtype == tf.bfloat16
+  np.testing.assert_allclose(tf.cast(gradient16, tf.float32),
+                             tape_free_gelu_derivative(tf.cast(x16, tf.float32)),
+                             rtol=1e-2, atol=1e-2)
+
+
+def tape_free_gelu_derivative(x):
+  return np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2)
+                   / math.sqrt(2 * math.pi) for v in np.asarray(x, np.float64)])
+
+
+def test_gelu_backward_keeps_only_its_input():
+  # The memory property issue #19 needs: of a GELU's forward tensors, only x (here the
+  # placeholder) waits for the backward pass; TF's op-by-op gradient keeps erfc and two products.
+  spec = tf.TensorSpec([4, 8, 8, 16], tf.float32)
+  ours = retained_tensors.retained_for_backward(activations.get_activation('gelu'), spec)
+  reference = retained_tensors.retained_for_backward(lambda t: tf.nn.gelu(t, approximate=False), spec)
+  full = (4, 8, 8, 16)
+  assert [kind for kind, shape in ours if shape == full] == ['Placeholder']
+  assert len([kind for kind, shape in reference if shape == full]) >= 3
+
+
 def test_batched_segment_sum_equals_one_hot_product_and_drops_outside_ids():
   from deeplab2_kmax.model.layers import segment_sum  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(5)
@@ -245,3 +291,48 @@ def test_batched_segment_sum_equals_one_hot_product_and_drops_outside_ids():
   got = segment_sum.batched_segment_sum(tf.constant(values), tf.constant(ids), 6)
   assert got.shape == (3, 6, 2, 5)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 6, 8), (3, 7, 8)])
+def test_batch_norm_then_gelu_equals_op_by_op_in_training(shape):
+  # The one-step BN + GELU (issue #19's memory cut) against the two layers' own ops: outputs,
+  # gradients of the input, gamma and beta, and the moving averages.
+  rng = np.random.RandomState(11)
+  x = tf.constant(rng.normal(1.0, 2.0, size=shape), tf.float32)
+  upstream = tf.constant(rng.normal(size=shape), tf.float32)
+  layers = []
+  for _ in range(2):
+    layer = normalization.BatchNorm(axis=-1, momentum=0.9)
+    layer.build(shape)
+    layer.gamma.assign(rng.uniform(0.5, 1.5, size=shape[-1]).astype(np.float32))
+    layer.beta.assign(rng.normal(size=shape[-1]).astype(np.float32))
+    layers.append(layer)
+  layers[1].gamma.assign(layers[0].gamma)
+  layers[1].beta.assign(layers[0].beta)
+  results = []
+  for layer, fused in zip(layers, (True, False)):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      if fused:
+        y = layer(x, training=True, then_gelu=True)
+      else:
+        y = tf.nn.gelu(layer(x, training=True), approximate=False)
+      value = tf.reduce_sum(y * upstream)
+    gradients = tape.gradient(value, [x, layer.gamma, layer.beta])
+    results.append([y, *gradients, layer.moving_mean, layer.moving_variance])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=2e-5, atol=2e-6)
+  assert np.abs(np.asarray(results[0][2])).max() > 0
+
+
+def test_batch_norm_then_gelu_backward_keeps_only_its_input():
+  layer = normalization.BatchNorm(axis=-1)
+  layer.build((4, 8, 8, 16))
+  full = (4, 8, 8, 16)
+  ours = retained_tensors.retained_for_backward(
+      lambda t: layer(t, training=True, then_gelu=True), tf.TensorSpec(full, tf.float32))
+  reference = retained_tensors.retained_for_backward(
+      lambda t: activations.get_activation('gelu')(layer(t, training=True)),
+      tf.TensorSpec(full, tf.float32))
+  assert [kind for kind, shape in ours if shape == full] == ['Placeholder']
+  assert len([kind for kind, shape in reference if shape == full]) == 2

@@ -7,14 +7,42 @@ approximation, so the names are resolved here and never passed to Keras directly
 import tensorflow as tf
 
 
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_float32(x):
+  return 0.5 * x * tf.math.erfc(-x * _INV_SQRT2)
+
+
+@tf.custom_gradient
 def _exact_gelu(x):
-  if x.dtype == tf.float32:
-    return tf.nn.gelu(x, approximate=False)
-  # 0.5 x (1 + erf(x / sqrt(2))) evaluated in float32: TF's bfloat16 GELU is unvectorised on
-  # CPU (about 3x slower than casting to float32 and back) and less accurate.
-  y = tf.cast(x, tf.float32)
-  y = 0.5 * y * (1.0 + tf.math.erf(y * 0.7071067811865476))
-  return tf.cast(y, x.dtype)
+  """0.5 x erfc(-x / sqrt(2)), with a gradient that keeps only x for the backward pass.
+
+  Differentiating the formula op by op keeps three more full-size tensors per call (the erfc
+  argument, erfc and 0.5 x) until the backward pass; in the kMaX-R50 step those
+  were ~2.5 GB of the 641x641 batch-2 peak (docs/benchmarks.md, issue #19). The gradient
+  gelu'(x) = Phi(x) + x phi(x) is recomputed from x instead; it equals the op-by-op one to
+  float32 rounding (tests/model/test_activations.py).
+
+  Non-float32 inputs are evaluated in float32: TF's bfloat16 GELU is unvectorised on CPU (about
+  3x slower than casting to float32 and back) and less accurate.
+  """
+  y = tf.cast(_gelu_float32(tf.cast(x, tf.float32)), x.dtype)
+
+  def gradient(upstream):
+    return exact_gelu_backward(x, upstream)
+
+  return y, gradient
+
+
+def exact_gelu_backward(x, upstream):
+  """upstream * gelu'(x), with gelu'(x) = Phi(x) + x phi(x), in x's dtype (computed in
+  float32)."""
+  x32 = tf.cast(x, tf.float32)
+  derivative = (0.5 * tf.math.erfc(-x32 * _INV_SQRT2)
+                + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x32)))
+  return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
 
 
 def _approximate_gelu(x):

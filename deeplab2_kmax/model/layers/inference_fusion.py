@@ -117,6 +117,8 @@ def normalize_and_activate(x, batch_norm, activation_name, activation_fn, traini
   """activation_fn(batch_norm(x)), as one fused step for a BN + exact GELU at inference."""
   if batch_norm.built and is_fusable(activation_name, training):
     return affine_gelu(x, *batch_norm.inference_scale_offset())
+  if activation_name is not None and activation_name.lower() == 'gelu':
+    return batch_norm(x, training=training, then_gelu=True)
   return activation_fn(batch_norm(x, training=training))
 
 

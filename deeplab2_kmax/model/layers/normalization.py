@@ -22,6 +22,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from deeplab2_kmax.model.layers import activations
+
 
 _STATE = threading.local()
 
@@ -163,6 +165,48 @@ class BatchNorm(keras.layers.Layer):
     self._update_moving_averages(mean, variance)
     return tf.cast(outputs, self.compute_dtype)
 
+  def _fused_training_gelu(self, inputs):
+    """gelu(BN(inputs)) in training, keeping only `inputs` for the backward pass.
+
+    Differentiating BN and GELU one after the other keeps the normalised tensor (GELU's input)
+    besides `inputs` (BN's) until the backward pass: one more full-size tensor per BN + GELU,
+    ~0.5 GB of the kMaX-R50 step at 641x641, batch 2 (docs/benchmarks.md, issue #19). Here
+    the backward pass renormalises `inputs` with the batch moments (one fused inference-mode
+    pass) and calls TF's fused BN gradient with the forward's reserve spaces, as TF's own
+    gradient does; the result equals the op-by-op gradient to float32 rounding
+    (tests/model/test_layers.py).
+    """
+    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
+        inputs, tf.float32)
+    epsilon = self.epsilon
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+
+    @tf.custom_gradient
+    def normalize_and_gelu(x, gamma, beta):
+      normalized, mean, unbiased_variance, reserve_1, reserve_2, reserve_3 = (
+          tf.raw_ops.FusedBatchNormV3(
+              x=x, scale=gamma, offset=beta, mean=tf.constant([], tf.float32),
+              variance=tf.constant([], tf.float32), epsilon=epsilon, is_training=True))
+      variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+      outputs = activations.get_activation('gelu')(normalized)
+
+      def gradient(upstream, *unused_statistics_upstream):
+        renormalized, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=mean, variance=variance, epsilon=epsilon, is_training=False)
+        normalized_upstream = activations.exact_gelu_backward(renormalized, upstream)
+        x_grad, gamma_grad, beta_grad, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=normalized_upstream, x=x, scale=gamma, reserve_space_1=reserve_1,
+            reserve_space_2=reserve_2, reserve_space_3=reserve_3, epsilon=epsilon,
+            is_training=True)
+        return x_grad, gamma_grad, beta_grad
+
+      return (outputs, mean, variance), gradient
+
+    outputs, mean, variance = normalize_and_gelu(x, tf.convert_to_tensor(self.gamma),
+                                                 tf.convert_to_tensor(self.beta))
+    self._update_moving_averages(tf.stop_gradient(mean), tf.stop_gradient(variance))
+    return tf.cast(outputs, self.compute_dtype)
+
   def _update_moving_averages(self, mean, variance):
     if moving_average_updates_are_off():
       return
@@ -173,7 +217,9 @@ class BatchNorm(keras.layers.Layer):
         self.momentum * self.moving_variance
         + (1.0 - self.momentum) * tf.reshape(variance, self._param_shape))
 
-  def call(self, inputs, training=None):
+  def call(self, inputs, training=None, then_gelu=False):
+    """Normalises `inputs`; with `then_gelu`, returns the exact GELU of the result (in training
+    as one step whose backward pass keeps less memory)."""
     rank = len(inputs.shape)
     axes = self._axes(rank)
     # Statistics per channel of a channels-last tensor map onto TF's fused kernels (any other
@@ -182,25 +228,32 @@ class BatchNorm(keras.layers.Layer):
     fused = axes == [rank - 1] and (
         not training or not self.synchronized or _replica_context() is None)
     if fused:
-      kernel = self._fused_training if training else self._fused_inference
+      if training and then_gelu:
+        kernel = self._fused_training_gelu
+      else:
+        kernel = self._fused_training if training else self._fused_inference
       if rank == 4:
-        return kernel(inputs)
-      flat = tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
-      return tf.reshape(kernel(flat), tf.shape(inputs))
-    x = tf.cast(inputs, tf.float32)
-    shape = self._broadcast_shape(rank)
-    gamma = tf.reshape(self.gamma, shape)
-    beta = tf.reshape(self.beta, shape)
-    if training:
-      reduce_axes = [d for d in range(rank) if d not in axes]
-      mean, variance = self._moments(x, reduce_axes)
-      self._update_moving_averages(mean, variance)
+        outputs = kernel(inputs)
+      else:
+        flat = tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
+        outputs = tf.reshape(kernel(flat), tf.shape(inputs))
+      if training and then_gelu:
+        return outputs
     else:
-      mean = tf.reshape(self.moving_mean, shape)
-      variance = tf.reshape(self.moving_variance, shape)
-    scale = gamma * tf.math.rsqrt(variance + self.epsilon)
-    outputs = x * scale + (beta - mean * scale)
-    return tf.cast(outputs, self.compute_dtype)
+      x = tf.cast(inputs, tf.float32)
+      shape = self._broadcast_shape(rank)
+      gamma = tf.reshape(self.gamma, shape)
+      beta = tf.reshape(self.beta, shape)
+      if training:
+        reduce_axes = [d for d in range(rank) if d not in axes]
+        mean, variance = self._moments(x, reduce_axes)
+        self._update_moving_averages(mean, variance)
+      else:
+        mean = tf.reshape(self.moving_mean, shape)
+        variance = tf.reshape(self.moving_variance, shape)
+      scale = gamma * tf.math.rsqrt(variance + self.epsilon)
+      outputs = tf.cast(x * scale + (beta - mean * scale), self.compute_dtype)
+    return activations.get_activation('gelu')(outputs) if then_gelu else outputs
 
   def compute_output_shape(self, input_shape):
     return input_shape

@@ -105,10 +105,7 @@ def pixel_contrastive_instance_discrimination(
   # product building it): ~4x faster forward, ~1.7x with backward, than the dense
   # softmax_cross_entropy_with_logits at k = 4096 on CPU. A pixel outside every mask
   # (void, drawn only when too few valid pixels exist) has no target and loss 0.
-  logits = tf.einsum('bid,bjd->bij', feature, feature) / temperature
-  row_max = tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
-  log_sum_exp = (tf.math.log(tf.reduce_sum(tf.exp(logits - row_max), axis=-1))
-                 + row_max[..., 0])
+  log_sum_exp = similarity_log_sum_exp(feature, temperature)
   mask_feature_sums = tf.einsum('bjk,bjd->bkd', masks, feature)
   same_mask_feature_sum = tf.einsum('bik,bkd->bid', masks, mask_feature_sums)
   same_mask_count = tf.einsum('bik,bk->bi', masks, tf.reduce_sum(masks, axis=1))
@@ -116,6 +113,44 @@ def pixel_contrastive_instance_discrimination(
               / (temperature * tf.maximum(same_mask_count, 1.0)))
   cross_entropy = tf.where(same_mask_count > 0, log_sum_exp - positive, 0.0)
   return reduction.mean_over_nonzero(cross_entropy, top_k_percent)
+
+
+def similarity_log_sum_exp(feature: tf.Tensor, temperature: float) -> tf.Tensor:
+  """logsumexp_j(f_i . f_j / temperature) for every row i, without keeping [k, k] tensors.
+
+  Differentiating the formula op by op keeps the logits and their exponentials (two float32
+  [batch, k, k] tensors, 256 MB at k = 4096 and batch 2, for each of kMaX's seven outputs)
+  until the backward pass. Here the backward pass recomputes them from the features
+  ([batch, k, D]) instead:
+    d lse_i / d f_m = (sum_j P_mj f_j [i = m] + P_im f_i) / temperature,  P = softmax(logits),
+  which equals the op-by-op gradient to float32 rounding (tests/model/loss).
+
+  Args:
+    feature: float32 [batch, k, D].
+    temperature: softmax temperature.
+
+  Returns:
+    float32 [batch, k].
+  """
+
+  def similarities(values):
+    return tf.einsum('bid,bjd->bij', values, values) / temperature
+
+  @tf.custom_gradient
+  def log_sum_exp(values):
+    logits = similarities(values)
+    row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
+    result = tf.math.log(tf.reduce_sum(tf.exp(logits - row_max), axis=-1)) + row_max[..., 0]
+
+    def gradient(upstream):
+      # Only `values` and the [batch, k] result are kept from the forward pass.
+      weights = upstream[..., None] * tf.exp(similarities(values) - result[..., None])
+      return (tf.einsum('bij,bjd->bid', weights, values)
+              + tf.einsum('bij,bid->bjd', weights, values)) / temperature
+
+    return result, gradient
+
+  return log_sum_exp(feature)
 
 
 def sample_pixels(targets: targets_lib.MaskTargets, sample_k: int,

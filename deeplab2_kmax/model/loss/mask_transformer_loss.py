@@ -38,6 +38,7 @@ from deeplab2_kmax.model.loss import matching as matching_lib
 from deeplab2_kmax.model.loss import pq_style
 from deeplab2_kmax.model.loss import reference_mask
 from deeplab2_kmax.model.loss import semantic
+from deeplab2_kmax.model.loss import slot_softmax
 from deeplab2_kmax.model.loss import targets as targets_lib
 
 # Per-output terms, in DeepLab2's order.
@@ -195,17 +196,21 @@ class MaskTransformerLoss:
     for index, output in enumerate(outputs):
       terms = {}
       output_mask_logits = flat(output[common.PRED_PIXEL_SPACE_MASK_LOGITS])
+      # The slot softmax's normaliser, shared by the dice term and the mask-ID cross-entropy.
+      log_normaliser = slot_softmax.log_sum_exp(output_mask_logits)
       if self._pq is not None:
         terms[common.PQ_STYLE_LOSS_CLASS_TERM] = self._pq[0] * pq_style.class_term(
             output[common.PRED_TRANSFORMER_CLASS_LOGITS], matching.slot_class_target,
             matching.slot_is_matched, matching.matched_mask_dice, matching.void_ratio,
             self._focal_alpha)
         terms[common.PQ_STYLE_LOSS_MASK_DICE_TERM] = self._pq[0] * pq_style.mask_dice_term(
-            output_mask_logits, targets, slots, matching.matched_class_prob, self._focal_alpha)
+            output_mask_logits, targets, slots, matching.matched_class_prob, self._focal_alpha,
+            log_normaliser)
       if self._mask_id is not None:
         terms[common.MASK_ID_CROSS_ENTROPY_LOSS] = (
             self._mask_id[0] * mask_id_cross_entropy.mask_id_cross_entropy(
-                output_mask_logits, slots, targets.pixel_non_void, self._mask_id[1]))
+                output_mask_logits, slots, targets.pixel_non_void, self._mask_id[1],
+                log_normaliser))
       if self._instance is not None:
         feature = flat(output[common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE])
         if self._sample_k:

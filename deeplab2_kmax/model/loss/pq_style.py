@@ -11,10 +11,13 @@ each term with the (stop-gradient) other quality of the matched pair:
   alpha / N.
 """
 
+from typing import Optional
+
 import tensorflow as tf
 
 from deeplab2_kmax.model.loss import matching as matching_lib
 from deeplab2_kmax.model.loss import reduction
+from deeplab2_kmax.model.loss import slot_softmax
 from deeplab2_kmax.model.loss import targets as targets_lib
 
 _WEIGHT_FLOOR = 1e-5
@@ -48,7 +51,8 @@ def class_term(class_logits: tf.Tensor, class_target: tf.Tensor, slot_is_matched
 
 def mask_dice_term(mask_logits: tf.Tensor, targets: targets_lib.MaskTargets,
                    slots: matching_lib.SlotTargets, matched_class_prob: tf.Tensor,
-                   focal_alpha: float = 0.75) -> tf.Tensor:
+                   focal_alpha: float = 0.75,
+                   log_normaliser: Optional[tf.Tensor] = None) -> tf.Tensor:
   """Weighted dice loss of each ground-truth mask against its matched slot.
 
   Args:
@@ -58,16 +62,18 @@ def mask_dice_term(mask_logits: tf.Tensor, targets: targets_lib.MaskTargets,
       padding has a probability of 0 everywhere.
     matched_class_prob: float32 [batch, K], the weight of each mask (floored at 1e-5).
     focal_alpha: the class term's alpha, reused in the scale alpha / N.
+    log_normaliser: optional float32 [batch, P], `slot_softmax.log_sum_exp(mask_logits)` when
+      the caller has it (the mask-ID cross-entropy needs it too).
 
   Returns:
     float32 [batch], unscaled by the loss weight.
   """
   mask_logits = tf.cast(mask_logits, tf.float32)
   num_slots = mask_logits.shape[-1]
-  log_normaliser = tf.reduce_logsumexp(mask_logits, axis=-1)
-  probs = tf.exp(mask_logits - log_normaliser[:, :, None])
+  if log_normaliser is None:
+    log_normaliser = slot_softmax.log_sum_exp(mask_logits)
   # Only pixels that belong to some ground-truth mask take part (void and crowd do not).
-  slot_mass = tf.reduce_sum(probs * slots.pixel_in_mask[:, :, None], axis=1)  # [batch, N]
+  slot_mass = slot_softmax.softmax_mass(mask_logits, log_normaliser, slots.pixel_in_mask)
   mask_mass = tf.gather(slot_mass, slots.mask_slot, batch_dims=1) * slots.mask_slot_is_real
   pixel_prob = tf.exp(matching_lib.logit_of_pixel_slot(mask_logits, slots) - log_normaliser)
   intersection = matching_lib.sum_per_mask(pixel_prob, targets)

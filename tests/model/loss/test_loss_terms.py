@@ -11,7 +11,9 @@ from deeplab2_kmax.model.loss import matching
 from deeplab2_kmax.model.loss import pq_style
 from deeplab2_kmax.model.loss import reduction
 from deeplab2_kmax.model.loss import semantic
+from deeplab2_kmax.model.loss import slot_softmax
 from deeplab2_kmax.model.loss import targets as targets_lib
+from tests.model import retained_tensors
 from tests.model.loss import numpy_reference as ref
 
 THINGS, STUFF, IGNORE = (1,), (2,), 0
@@ -256,3 +258,60 @@ def test_pixel_contrastive_gradient_equals_dense_cross_entropy():
     gradients.append(tape.gradient(value, feature).numpy())
   assert np.abs(gradients[0]).max() > 0
   np.testing.assert_allclose(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
+
+
+def test_similarity_log_sum_exp_gradient_and_memory():
+  # The hand-written backward pass equals TF's differentiation of reduce_logsumexp, and keeps
+  # no [batch, k, k] tensor from the forward pass (issue #19: 1.8 GB at 641x641, batch 2).
+  rng = np.random.RandomState(8)
+  feature = tf.math.l2_normalize(tf.constant(rng.normal(size=(2, 50, 8)), tf.float32), -1)
+  upstream = tf.constant(rng.normal(size=(2, 50)), tf.float32)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(feature)
+    ours = instance_discrimination.similarity_log_sum_exp(feature, 0.3)
+    reference = tf.reduce_logsumexp(tf.einsum('bid,bjd->bij', feature, feature) / 0.3, -1)
+    ours_sum, reference_sum = (tf.reduce_sum(v * upstream) for v in (ours, reference))
+  np.testing.assert_allclose(ours, reference, rtol=1e-6)
+  np.testing.assert_allclose(tape.gradient(ours_sum, feature),
+                             tape.gradient(reference_sum, feature), rtol=1e-5, atol=1e-6)
+  spec = tf.TensorSpec([2, 50, 8], tf.float32)
+  kept = retained_tensors.retained_for_backward(
+      lambda f: instance_discrimination.similarity_log_sum_exp(f, 0.3), spec)
+  assert not [shape for _, shape in kept if shape == (2, 50, 50)], kept
+  kept_by_tf = retained_tensors.retained_for_backward(
+      lambda f: tf.reduce_logsumexp(tf.einsum('bid,bjd->bij', f, f) / 0.3, -1), spec)
+  assert [shape for _, shape in kept_by_tf if shape == (2, 50, 50)]
+
+
+def test_slot_softmax_forms_equal_op_by_op_and_keep_only_logits():
+  # log_sum_exp and softmax_mass (issue #19) against TF's differentiation of the same formulas,
+  # and the memory property: no [batch, P, N] tensor but the logits waits for the backward.
+  rng = np.random.RandomState(12)
+  logits = tf.constant(rng.normal(0, 3, size=(2, 30, 7)), tf.float32)
+  weight = tf.constant(rng.randint(0, 2, size=(2, 30)), tf.float32)
+  up_lse = tf.constant(rng.normal(size=(2, 30)), tf.float32)
+  up_mass = tf.constant(rng.normal(size=(2, 7)), tf.float32)
+
+  def ours(values):
+    lse = slot_softmax.log_sum_exp(values)
+    return lse, slot_softmax.softmax_mass(values, lse, weight)
+
+  def reference(values):
+    lse = tf.reduce_logsumexp(values, axis=-1)
+    return lse, tf.reduce_sum(tf.exp(values - lse[..., None]) * weight[..., None], axis=1)
+
+  results = []
+  for function in (ours, reference):
+    with tf.GradientTape() as tape:
+      tape.watch(logits)
+      lse, mass = function(logits)
+      value = tf.reduce_sum(lse * up_lse) + tf.reduce_sum(mass * up_mass)
+    results.append((lse, mass, tape.gradient(value, logits)))
+  for mine, theirs in zip(*results):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+  spec = tf.TensorSpec([2, 30, 7], tf.float32)
+  kept = retained_tensors.retained_for_backward(lambda v: tf.reduce_sum(ours(v)[1]), spec)
+  assert [kind for kind, shape in kept if shape == (2, 30, 7)] == ['Placeholder'], kept
+  kept_by_tf = retained_tensors.retained_for_backward(
+      lambda v: tf.reduce_sum(reference(v)[1]), spec)
+  assert len([kind for kind, shape in kept_by_tf if shape == (2, 30, 7)]) >= 2
