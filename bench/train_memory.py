@@ -78,11 +78,14 @@ def forward_activation_bytes(forward_ops) -> int:
              for output in op.outputs if output.dtype.is_floating)
 
 
-def _scope(op_name: str) -> str:
-  """'kmax_deeplab_1/encoder_1/stage2_1/...' -> 'encoder'; ops outside the model -> 'loss'."""
-  parts = op_name.split('/')
-  if len(parts) > 2 and parts[0].startswith(('kmax_deeplab', 'cmt_deeplab', 'max_deeplab')):
-    return parts[1].rsplit('_', 1)[0] if parts[1].rsplit('_', 1)[-1].isdigit() else parts[1]
+def _scope(op_name: str, sub_networks) -> str:
+  """The sub-network an op belongs to ('kmax_deeplab_1/encoder_1/...' or, when a part is
+  called on its own, 'encoder_1/...' -> 'encoder'); anything else is the loss (or, for the
+  cut parts, the surrogate objective)."""
+  for name in op_name.split('/')[:2]:
+    base = name.rsplit('_', 1)[0] if name.rsplit('_', 1)[-1].isdigit() else name
+    if base in sub_networks:
+      return base
   return 'loss'
 
 
@@ -156,9 +159,11 @@ def main(argv):
     forward_ops, backward_ops = operations[:boundary[0]], operations[boundary[0]:]
     activations = forward_activation_bytes(forward_ops)
     retained = retained_for_backward(forward_ops, backward_ops)
+  sub_networks = {layer.name for layer in model.layers}
   by_scope = {}
   for size, op, _ in retained:
-    by_scope[_scope(op.name)] = by_scope.get(_scope(op.name), 0) + size
+    scope = _scope(op.name, sub_networks)
+    by_scope[scope] = by_scope.get(scope, 0) + size
   largest = sorted(retained, key=lambda item: -item[0])[:_TOP.value]
   if part != 'built' and not _TRACE_ONLY.value:
     for _ in range(train_step._STEPS.value):  # pylint: disable=protected-access

@@ -336,3 +336,45 @@ def test_batch_norm_then_gelu_backward_keeps_only_its_input():
       tf.TensorSpec(full, tf.float32))
   assert [kind for kind, shape in ours if shape == full] == ['Placeholder']
   assert len([kind for kind, shape in reference if shape == full]) == 2
+
+
+@pytest.mark.parametrize('kernel_size,shape', [(5, (2, 9, 7, 6)), (3, (1, 4, 5, 3)),
+                                               (5, (3, 3, 3, 2))])
+def test_depthwise_fast_kernel_gradient_equals_tf(kernel_size, shape):
+  # The kernel gradient computed as a depthwise convolution (issue #19's step-time change)
+  # against TF's DepthwiseConv2dNativeBackpropFilter, incl. maps smaller than the kernel.
+  rng = np.random.RandomState(kernel_size + shape[1])
+  x = tf.constant(rng.normal(size=shape), tf.float32)
+  kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 1)), tf.float32)
+  upstream = tf.constant(rng.normal(size=shape), tf.float32)
+  results = []
+  for function in (convolutions._depthwise_same_with_fast_gradient,  # pylint: disable=protected-access
+                   lambda a, k: tf.nn.depthwise_conv2d(a, k, [1, 1, 1, 1], 'SAME')):
+    with tf.GradientTape() as tape:
+      tape.watch([x, kernel])
+      y = function(x, kernel)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, kernel])])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_layer_uses_fast_gradient_in_training_only():
+  # Training graphs route the stride-1 depthwise convolution through the custom gradient (an
+  # IdentityN op); inference graphs keep TF's plain op (exports are unchanged).
+  layer = convolutions.DepthwiseConv2DSame(5, 'depthwise', activation='gelu')
+  x = tf.constant(np.random.RandomState(2).normal(size=(2, 8, 8, 4)), tf.float32)
+  layer(x, training=False)
+
+  def custom_gradient_ops(training):
+    graph = tf.function(lambda t: layer(t, training=training)).get_concrete_function(
+        tf.TensorSpec(x.shape)).graph
+    return [op.name for op in graph.get_operations()
+            if op.type == 'IdentityN' and 'depthwise' in op.name]
+
+  assert custom_gradient_ops(True)
+  assert not custom_gradient_ops(False)
+  with tf.GradientTape() as tape:
+    y = layer(x, training=True)
+  gradient = tape.gradient(y, layer._depthwise_conv.kernel)  # pylint: disable=protected-access
+  assert gradient is not None and np.abs(np.asarray(gradient)).max() > 0

@@ -154,6 +154,49 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     return config
 
 
+def _depthwise_same_with_fast_gradient(x, kernel):
+  """tf.nn.depthwise_conv2d(x, kernel, stride 1, 'SAME') for an odd kernel, whose kernel
+  gradient is computed as a depthwise convolution too.
+
+  TF's DepthwiseConv2dNativeBackpropFilter is slow on CPU: 0.32 s for a 5x5 kernel on
+  [2, 161, 161, 256] against 0.03 s for the forward convolution (docs/benchmarks.md, issue
+  #19). The kernel gradient, dk[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] dy[b, h, w, c],
+  is a 'VALID' depthwise convolution of the padded input, with (batch x channels) as channels,
+  by the upstream gradient as a [h, w] kernel: 0.13 s. The input gradient is the depthwise
+  convolution of the upstream gradient with the flipped kernel (TF's own op, as fast). Equal to
+  TF's gradient to float32 rounding (tests/model/test_layers.py).
+
+  Args:
+    x: [batch, height, width, channels].
+    kernel: [k, k, channels, 1], k odd.
+  """
+  size = kernel.shape[0]
+  pad = size // 2
+
+  @tf.custom_gradient
+  def convolve(x, kernel):
+    def gradient(upstream):
+      input_gradient = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+          input_sizes=tf.shape(x), filter=kernel, out_backprop=upstream, strides=[1, 1, 1, 1],
+          padding='SAME')
+      shape = tf.shape(x)
+      batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+      padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+      # [1, height + 2 pad, width + 2 pad, batch * channels] by [height, width, batch * channels, 1].
+      inputs = tf.reshape(tf.transpose(padded, [1, 2, 0, 3]),
+                          [1, height + 2 * pad, width + 2 * pad, batch * channels])
+      weights = tf.reshape(tf.transpose(upstream, [1, 2, 0, 3]),
+                           [height, width, batch * channels, 1])
+      per_example = tf.nn.depthwise_conv2d(inputs, weights, [1, 1, 1, 1], 'VALID')
+      kernel_gradient = tf.reduce_sum(
+          tf.reshape(per_example, [size, size, batch, channels]), axis=2)[..., None]
+      return input_gradient, tf.cast(kernel_gradient, kernel.dtype)
+
+    return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'SAME'), gradient
+
+  return convolve(x, kernel)
+
+
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
 class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   """Depthwise conv + BN + activation; the kernel is [k, k, channels, 1] like DeepLab2's."""
@@ -186,9 +229,14 @@ class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Laye
     if self._padding is not None:
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
+    conv = self._depthwise_conv
+    if (training and conv.built and self.strides == 1 and self.atrous_rate == 1
+        and self.kernel_size % 2 == 1):
+      convolved = _depthwise_same_with_fast_gradient(x, tf.cast(conv.kernel, x.dtype))
+    else:
+      convolved = conv(x)
     return inference_fusion.normalize_and_activate(
-        self._depthwise_conv(x), self._batch_norm, self.activation, self._activation_fn,
-        training)
+        convolved, self._batch_norm, self.activation, self._activation_fn, training)
 
   def get_config(self):
     config = super().get_config()
