@@ -176,11 +176,11 @@ def _depthwise_same_with_fast_gradient(x, kernel):
   @tf.custom_gradient
   def convolve(x, kernel):
     def gradient(upstream):
-      input_gradient = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-          input_sizes=tf.shape(x), filter=kernel, out_backprop=upstream, strides=[1, 1, 1, 1],
-          padding='SAME')
       shape = tf.shape(x)
       batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+      input_gradient = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+          input_sizes=shape, filter=kernel, out_backprop=upstream, strides=[1, 1, 1, 1],
+          padding='SAME')
       padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
       # [1, height + 2 pad, width + 2 pad, batch * channels] by [height, width, batch * channels, 1].
       inputs = tf.reshape(tf.transpose(padded, [1, 2, 0, 3]),
@@ -190,7 +190,7 @@ def _depthwise_same_with_fast_gradient(x, kernel):
       per_example = tf.nn.depthwise_conv2d(inputs, weights, [1, 1, 1, 1], 'VALID')
       kernel_gradient = tf.reduce_sum(
           tf.reshape(per_example, [size, size, batch, channels]), axis=2)[..., None]
-      return input_gradient, tf.cast(kernel_gradient, kernel.dtype)
+      return input_gradient, kernel_gradient
 
     return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'SAME'), gradient
 

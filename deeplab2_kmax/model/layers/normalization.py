@@ -53,6 +53,19 @@ def _replica_context():
   return context
 
 
+def _fused_kernel_input(inputs):
+  """`inputs` in a dtype TF's fused BN kernels read (float32, float16, bfloat16)."""
+  if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16):
+    return inputs
+  return tf.cast(inputs, tf.float32)
+
+
+def _biased_variance(unbiased_variance, x):
+  """The fused kernel returns the unbiased batch variance; BN normalises with the biased one."""
+  count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+  return unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+
+
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
 class BatchNorm(keras.layers.Layer):
   """Batch normalisation that keeps one statistic per index of `axis`.
@@ -141,8 +154,7 @@ class BatchNorm(keras.layers.Layer):
     Grappler fuses FusedBatchNorm with the preceding convolution (and activation) on CPU and
     GPU; the fused kernel also keeps its arithmetic in float32 for bfloat16/float16 inputs.
     """
-    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
-        inputs, tf.float32)
+    x = _fused_kernel_input(inputs)
     outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
         x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
         epsilon=self.epsilon, is_training=False)
@@ -156,13 +168,10 @@ class BatchNorm(keras.layers.Layer):
     copy. Same arithmetic as the generic path: normalise with the biased batch variance, and
     move the averages towards it (the kernel returns the unbiased variance, so it is rescaled).
     """
-    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
-        inputs, tf.float32)
+    x = _fused_kernel_input(inputs)
     outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
         x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
-    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-    variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
-    self._update_moving_averages(mean, variance)
+    self._update_moving_averages(mean, _biased_variance(unbiased_variance, x))
     return tf.cast(outputs, self.compute_dtype)
 
   def _fused_training_gelu(self, inputs):
@@ -176,10 +185,8 @@ class BatchNorm(keras.layers.Layer):
     gradient does; the result equals the op-by-op gradient to float32 rounding
     (tests/model/test_layers.py).
     """
-    x = inputs if inputs.dtype in (tf.float32, tf.float16, tf.bfloat16) else tf.cast(
-        inputs, tf.float32)
+    x = _fused_kernel_input(inputs)
     epsilon = self.epsilon
-    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
 
     @tf.custom_gradient
     def normalize_and_gelu(x, gamma, beta):
@@ -187,7 +194,7 @@ class BatchNorm(keras.layers.Layer):
           tf.raw_ops.FusedBatchNormV3(
               x=x, scale=gamma, offset=beta, mean=tf.constant([], tf.float32),
               variance=tf.constant([], tf.float32), epsilon=epsilon, is_training=True))
-      variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+      variance = _biased_variance(unbiased_variance, x)
       outputs = activations.get_activation('gelu')(normalized)
 
       def gradient(upstream, *unused_statistics_upstream):

@@ -197,7 +197,8 @@ class MaskTransformerLoss:
       terms = {}
       output_mask_logits = flat(output[common.PRED_PIXEL_SPACE_MASK_LOGITS])
       # The slot softmax's normaliser, shared by the dice term and the mask-ID cross-entropy.
-      log_normaliser = slot_softmax.log_sum_exp(output_mask_logits)
+      log_normaliser = (slot_softmax.log_sum_exp(output_mask_logits)
+                        if self._pq is not None or self._mask_id is not None else None)
       if self._pq is not None:
         terms[common.PQ_STYLE_LOSS_CLASS_TERM] = self._pq[0] * pq_style.class_term(
             output[common.PRED_TRANSFORMER_CLASS_LOGITS], matching.slot_class_target,
