@@ -113,9 +113,27 @@ NON_FINITE_LOSS_COUNT = 'non_finite_loss_count'
 # ---- Model endpoints ----
 # Keys of the endpoint dicts passed between the pixel encoder, pixel decoder, transformer
 # decoder and heads (DeepLab2's names). Encoder endpoints are 'stage1'..'stage5' (non-activated)
-# and 'res1'..'res5' (activated); pixel-decoder stages add 'decoder_stage1'.. (stride 32 down).
+# and 'res1'..'res5' (activated); pixel-decoder stages add decoder_stage_endpoint(stride).
 ENDPOINT_DECODER_OUTPUT = 'decoder_output'
 ENDPOINT_FEATURE_PANOPTIC = 'feature_panoptic'
 ENDPOINT_FEATURE_SEMANTIC = 'feature_semantic'
 ENDPOINT_TRANSFORMER_CLASS_FEATURE = 'transformer_class_feature'
 ENDPOINT_TRANSFORMER_MASK_FEATURE = 'transformer_mask_feature'
+
+# The largest stride of every encoder (its last stage), where the pixel decoder starts: crops
+# are k * 32 + 1 so that every stride halves the size exactly.
+ENCODER_OUTPUT_STRIDE = 32
+
+
+def decoder_stage_endpoint(stride: int) -> str:
+  """The endpoint key of the pixel-decoder stage at `stride`: 'decoder_stage1' at stride 32,
+  'decoder_stage2' at 16, 'decoder_stage3' at 8, ... (DeepLab2's names).
+
+  Raises:
+    ValueError: naming the stride, unless it is ENCODER_OUTPUT_STRIDE / 2^k.
+  """
+  if not (0 < stride <= ENCODER_OUTPUT_STRIDE and ENCODER_OUTPUT_STRIDE % stride == 0
+          and stride & (stride - 1) == 0):
+    raise ValueError(f'stride {stride} is no pixel-decoder stride; the stages are at '
+                     f'{ENCODER_OUTPUT_STRIDE}, {ENCODER_OUTPUT_STRIDE // 2}, ... (powers of two)')
+  return f'decoder_stage{(ENCODER_OUTPUT_STRIDE // stride).bit_length()}'

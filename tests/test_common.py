@@ -37,3 +37,16 @@ def test_keys_are_unique():
   values = [v for k, v in vars(common).items() if k.isupper() and isinstance(v, str)]
   duplicates = {v for v in values if values.count(v) > 1}
   assert not duplicates
+
+
+def test_decoder_stage_endpoints_by_stride():
+  # DeepLab2's names: the pixel decoder writes them, the transformer decoders read them.
+  assert [common.decoder_stage_endpoint(stride) for stride in (32, 16, 8, 4, 2)] == [
+      'decoder_stage1', 'decoder_stage2', 'decoder_stage3', 'decoder_stage4', 'decoder_stage5']
+  for stride in (0, 12, 64):
+    try:
+      common.decoder_stage_endpoint(stride)
+    except ValueError as error:
+      assert str(stride) in str(error)
+    else:
+      raise AssertionError(f'stride {stride} was accepted')

@@ -10,29 +10,21 @@ import re
 
 from deeplab2_kmax import common
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.model import builder
+from deeplab2_kmax.model import recompute
 from deeplab2_kmax.protos import config_pb2
 
-SUPPORTED_BACKBONES = ('resnet50', 'axial_resnet50', 'convnext_tiny', 'convnext_small',
-                       'convnext_base', 'convnext_large', 'max_deeplab_s', 'max_deeplab_l')
 AUTOAUGMENT_POLICIES = ('', 'simple_classification_policy',
                         'simple_classification_policy_magnitude_scale_0.2')
 COPY_PASTE_OPTIONS = ('random', 'none', 'all')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 LEARNING_POLICIES = ('poly', 'cosine')
 PRECISION_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
-# Values of trainer_options.recompute (model/recompute.PARTS; kmax and cmt only).
-RECOMPUTE_PARTS = ('encoder', 'pixel_decoder', 'transformer_decoder')
 RAW_PANOPTIC_FORMATS = ('two_channel_png', 'three_channel_png', 'two_channel_numpy_array')
 EXPORT_INPUT_TYPES = ('image_tensor', 'image_bytes', 'tf_example')
-PIXEL_DECODER_BLOCK_TYPES = ('axial', 'bottleneck')
-# Dual-path networks of max_deeplab { } (the keys of model/pixel_encoder/dual_path_resnet.PRESETS;
-# kmax and cmt cannot use them).
-MAX_DEEPLAB_BACKBONES = ('max_deeplab_s', 'max_deeplab_l')
 DUAL_PATH_ACTIVATIONS = ('relu', 'gelu')
 # Output stride of the dual-path network (max_deeplab uses 16).
 MAX_DEEPLAB_OUTPUT_STRIDE = 16
-# Largest stride of the encoders: crops must be k * 32 + 1 so every stride halves exactly.
-ENCODER_STRIDE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,18 +33,13 @@ class Problem:
   message: str
 
 
-def backbone_name(name: str) -> str:
-  """DeepLab2 names kMaX encoders "kmax_<name>"; we accept that prefix."""
-  return name[len('kmax_'):] if name.startswith('kmax_') else name
-
-
 def nearest_valid_crop(size: int) -> int:
-  return max(1, round((size - 1) / ENCODER_STRIDE)) * ENCODER_STRIDE + 1
+  return max(1, round((size - 1) / common.ENCODER_OUTPUT_STRIDE)) * common.ENCODER_OUTPUT_STRIDE + 1
 
 
 def pixel_decoder_strides(high_resolution_output_stride: int) -> list[int]:
   """Strides of the pixel-decoder stages, from 32 down to the high-resolution stride."""
-  strides = [ENCODER_STRIDE]
+  strides = [common.ENCODER_OUTPUT_STRIDE]
   while strides[-1] > high_resolution_output_stride:
     strides.append(strides[-1] // 2)
   return strides
@@ -120,8 +107,8 @@ def _check_dataset(c: _Checker, options, prefix: str, num_replicas: int, require
     if c.check(len(crop) in (1, 2), f'{prefix}.crop_size',
                f'has {len(crop)} values; give [height, width] (or one value for a square)'):
       for size in crop:
-        c.check(size > 0 and (size - 1) % ENCODER_STRIDE == 0, f'{prefix}.crop_size',
-                f'{size} is not of the form k*{ENCODER_STRIDE}+1 required by the encoders '
+        c.check(size > 0 and (size - 1) % common.ENCODER_OUTPUT_STRIDE == 0, f'{prefix}.crop_size',
+                f'{size} is not of the form k*{common.ENCODER_OUTPUT_STRIDE}+1 required by the encoders '
                 f'(nearest valid size: {nearest_valid_crop(size)})')
   for name in ('min_resize_value', 'max_resize_value'):
     values = list(getattr(options, name))
@@ -203,14 +190,14 @@ def _check_clustering_decoder(c: _Checker, meta, field: str):
   c.check(all(v > 0 for v in pd.num_blocks), f'{field}.pixel_decoder.num_blocks',
           'must be positive')
   for value in pd.block_types:
-    c.check(value in PIXEL_DECODER_BLOCK_TYPES, f'{field}.pixel_decoder.block_types',
-            f'"{value}" is unknown; use {" or ".join(PIXEL_DECODER_BLOCK_TYPES)}')
+    c.check(value in builder.PIXEL_DECODER_BLOCK_TYPES, f'{field}.pixel_decoder.block_types',
+            f'"{value}" is unknown; use {" or ".join(builder.PIXEL_DECODER_BLOCK_TYPES)}')
   c.check(_in_unit_interval(pd.drop_path_keep_prob, low_open=True),
           f'{field}.pixel_decoder.drop_path_keep_prob',
           f'{pd.drop_path_keep_prob:g} is not in (0, 1]')
   td = meta.transformer_decoder
-  num_blocks = list(td.num_blocks) or [2, 2, 2]
-  td_strides = list(td.strides) or [32, 16, 8]
+  num_blocks = list(td.num_blocks) or list(builder.DEFAULT_TRANSFORMER_NUM_BLOCKS)
+  td_strides = list(td.strides) or list(builder.DEFAULT_TRANSFORMER_STRIDES)
   c.check(len(num_blocks) == len(td_strides), f'{field}.transformer_decoder.num_blocks',
           f'has {len(num_blocks)} entries but strides has {len(td_strides)}; give one block '
           'count per stride')
@@ -304,19 +291,19 @@ def _check_model(c: _Checker, config, descriptor):
                  'max_deeplab { ... } in model_options'):
     return
   backbone = model.backbone
-  name = backbone_name(backbone.name)
-  if c.check(name in SUPPORTED_BACKBONES, 'model_options.backbone.name',
+  name = builder.backbone_name(backbone.name)
+  if c.check(name in builder.ENCODERS, 'model_options.backbone.name',
              f'"{backbone.name}" is not supported; use one of '
-             f'{", ".join(SUPPORTED_BACKBONES)}'):
+             f'{", ".join(builder.ENCODERS)}'):
     if meta_name == common.META_MAX_DEEPLAB:
-      c.check(name in MAX_DEEPLAB_BACKBONES, 'model_options.backbone.name',
+      c.check(name in builder.DUAL_PATH_ENCODERS, 'model_options.backbone.name',
               f'"{backbone.name}" is not a dual-path network; max_deeplab {{ }} needs one of '
-              f'{", ".join(MAX_DEEPLAB_BACKBONES)}')
+              f'{", ".join(builder.DUAL_PATH_ENCODERS)}')
     else:
-      others = [b for b in SUPPORTED_BACKBONES if b not in MAX_DEEPLAB_BACKBONES]
-      c.check(name not in MAX_DEEPLAB_BACKBONES, 'model_options.backbone.name',
+      c.check(name not in builder.DUAL_PATH_ENCODERS, 'model_options.backbone.name',
               f'"{backbone.name}" is MaX-DeepLab\'s dual-path network, which only '
-              f'max_deeplab {{ }} uses; {meta_name} {{ }} needs one of {", ".join(others)} '
+              f'max_deeplab {{ }} uses; {meta_name} {{ }} needs one of '
+              f'{", ".join(builder.KMAX_ENCODERS)} '
               '(axial_resnet50 is the MaX-S encoder of kMaX)')
   required_os = 16 if meta_name == common.META_MAX_DEEPLAB else 32
   c.check(backbone.output_stride == required_os, 'model_options.backbone.output_stride',
@@ -387,8 +374,8 @@ def _check_trainer(c: _Checker, trainer):
           f'"{trainer.mixed_precision_policy}" is unknown; use one of '
           f'{", ".join(PRECISION_POLICIES)}')
   for value in trainer.recompute:
-    c.check(value in RECOMPUTE_PARTS, 'trainer_options.recompute',
-            f'"{value}" is unknown; use one of {", ".join(RECOMPUTE_PARTS)}')
+    c.check(value in recompute.PARTS, 'trainer_options.recompute',
+            f'"{value}" is unknown; use one of {", ".join(recompute.PARTS)}')
   c.check(len(set(trainer.recompute)) == len(trainer.recompute), 'trainer_options.recompute',
           f'names a part twice: {list(trainer.recompute)}')
   c.check(solver.optimizer in OPTIMIZERS, 'trainer_options.solver_options.optimizer',

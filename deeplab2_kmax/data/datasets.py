@@ -151,6 +151,29 @@ def from_dataset_options(options: dataset_pb2.DatasetOptions) -> DatasetDescript
   return get_built_in(options.dataset)
 
 
+def crop_size_of(crop_size: Sequence[int], field: str = 'crop_size') -> tuple[int, int]:
+  """(height, width) of a crop given as [height, width] or [size] (a size x size square).
+
+  The one reading of DatasetOptions.crop_size (and of crops given on a command line): the
+  input pipeline, the model build, the post-processor and the exported preprocessing all call
+  it, so a one-value crop means the same square everywhere.
+
+  Args:
+    crop_size: the field's values, e.g. `options.crop_size`.
+    field: the field or flag the values came from, for the error message.
+
+  Raises:
+    ValueError: naming `field` and its values, when there are none or more than two.
+  """
+  values = [int(value) for value in crop_size]
+  if len(values) == 1:
+    values = values * 2
+  if len(values) != 2:
+    raise ValueError(f'{field} is {values}; give [height, width], or one value for a square '
+                     'crop')
+  return values[0], values[1]
+
+
 def to_inline_options(descriptor: DatasetDescriptor) -> dataset_pb2.DatasetDescriptorOptions:
   """The inverse of from_inline_options (used by converters that write a descriptor)."""
   options = dataset_pb2.DatasetDescriptorOptions(

@@ -63,15 +63,6 @@ def resolve_files(patterns) -> list[str]:
   return files
 
 
-def crop_size_of(options: dataset_pb2.DatasetOptions) -> tuple[int, int]:
-  crop = list(options.crop_size)
-  if len(crop) == 1:
-    crop = crop * 2
-  if len(crop) != 2:
-    raise ValueError(f'crop_size must have one or two values, got {crop}')
-  return crop[0], crop[1]
-
-
 class InputPipeline:
   """Builds the dataset for one DatasetOptions.
 
@@ -86,7 +77,7 @@ class InputPipeline:
     self.options = options
     self.is_training = is_training
     self.descriptor = descriptor or datasets.from_dataset_options(options)
-    self.crop_size = crop_size_of(options)
+    self.crop_size = datasets.crop_size_of(options.crop_size)
     self.decode_labels = options.decode_groundtruth_label
     self._files: Optional[list[str]] = None
     self._num_skipped: Optional[tf.Variable] = None

@@ -57,7 +57,6 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.data import datasets
-from deeplab2_kmax.data import pipeline
 from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.model import builder
@@ -99,7 +98,7 @@ class PreprocessOptions:
 
   @classmethod
   def from_dataset_options(cls, options) -> 'PreprocessOptions':
-    return cls(pipeline.crop_size_of(options), options.min_resize_value,
+    return cls(datasets.crop_size_of(options.crop_size), options.min_resize_value,
                options.max_resize_value, options.resize_factor)
 
   def preprocess(self, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

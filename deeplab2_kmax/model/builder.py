@@ -11,7 +11,6 @@ import keras
 import numpy as np
 
 from deeplab2_kmax import common
-from deeplab2_kmax.config import validation
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.model import kmax_deeplab
 from deeplab2_kmax.model import max_deeplab
@@ -32,6 +31,27 @@ ACTIVATION = 'gelu'
 DEFAULT_TRANSFORMER_NUM_BLOCKS = (2, 2, 2)
 DEFAULT_TRANSFORMER_STRIDES = (32, 16, 8)
 
+# The table of what build_model can build; config/validation.py checks configs against it.
+# Pixel encoders of kmax { } and cmt { }: ResNet-50 variants ({name: ResNet backbone_type})
+# and ConvNeXt sizes.
+RESNET_ENCODERS = {'resnet50': 'resnet', 'axial_resnet50': 'axial_resnet'}
+CONVNEXT_ENCODERS = ('convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large')
+KMAX_ENCODERS = tuple(RESNET_ENCODERS) + CONVNEXT_ENCODERS
+# The dual-path networks of max_deeplab { } (kmax and cmt cannot use them).
+DUAL_PATH_ENCODERS = tuple(dual_path_resnet.PRESETS)
+ENCODERS = KMAX_ENCODERS + DUAL_PATH_ENCODERS
+# Block types of the kMaX pixel decoder's stages (model_options.<meta>.pixel_decoder.block_types).
+PIXEL_DECODER_BLOCK_TYPES = ('axial', 'bottleneck')
+# The crop build_model builds on when neither dataset gives one (variable shapes do not depend
+# on it; DeepLab2's COCO crop).
+FALLBACK_BUILD_CROP = (641, 641)
+
+
+def backbone_name(name: str) -> str:
+  """Our encoder name for model_options.backbone.name: DeepLab2 names kMaX encoders
+  "kmax_<name>", and we accept that prefix."""
+  return name[len('kmax_'):] if name.startswith('kmax_') else name
+
 
 def norm_layer_from_solver(solver_options):
   return normalization.make_norm_layer(momentum=solver_options.batchnorm_momentum,
@@ -41,25 +61,26 @@ def norm_layer_from_solver(solver_options):
 
 def build_encoder(backbone_options, norm_layer, dtype=None):
   """The pixel encoder named by backbone_options.name (DeepLab2's 'kmax_' prefix allowed)."""
-  name = validation.backbone_name(backbone_options.name)
+  name = backbone_name(backbone_options.name)
   # DeepLab2's kMaX encoders always use the linear stochastic-depth schedule.
   schedule = (backbone_options.drop_path_schedule
               if backbone_options.HasField('drop_path_schedule') else 'linear')
-  if name in ('resnet50', 'axial_resnet50'):
+  if name in RESNET_ENCODERS:
     return resnet.ResNet(
-        backbone_type='resnet' if name == 'resnet50' else 'axial_resnet',
+        backbone_type=RESNET_ENCODERS[name],
         width_multiplier=backbone_options.backbone_width_multiplier,
         stem_width_multiplier=backbone_options.stem_width_multiplier,
         layer_multiplier=backbone_options.backbone_layer_multiplier,
         drop_path_keep_prob=backbone_options.drop_path_keep_prob,
         drop_path_schedule=schedule, norm_layer=norm_layer, name='encoder', dtype=dtype)
-  if name.startswith('convnext_'):
+  if name in CONVNEXT_ENCODERS:
     return convnext.ConvNeXt(
         size=name[len('convnext_'):], drop_path_keep_prob=backbone_options.drop_path_keep_prob,
         width_multiplier=backbone_options.backbone_width_multiplier,
         layer_multiplier=backbone_options.backbone_layer_multiplier, name='encoder',
         dtype=dtype)
-  raise ValueError(f'Unsupported kMaX pixel encoder "{backbone_options.name}".')
+  raise ValueError(f'model_options.backbone.name is "{backbone_options.name}", which is no '
+                   f'kMaX pixel encoder; use one of {", ".join(KMAX_ENCODERS)}.')
 
 
 # MaX-DeepLab's default number of memory rows (DeepLab2's max_num_mask_slots).
@@ -68,7 +89,7 @@ DEFAULT_MAX_NUM_MASK_SLOTS = 128
 
 def dual_path_arguments(model_options):
   """DualPathResNet kwargs: the backbone's preset, overridden by the set DualPathOptions."""
-  name = validation.backbone_name(model_options.backbone.name)
+  name = backbone_name(model_options.backbone.name)
   if name not in dual_path_resnet.PRESETS:
     raise ValueError(f'model_options.backbone.name is "{model_options.backbone.name}"; '
                      f'max_deeplab {{ }} needs one of {sorted(dual_path_resnet.PRESETS)}.')
@@ -147,12 +168,13 @@ def dataset_descriptor(experiment_options):
   raise ValueError('The experiment names no dataset; the class head needs one.')
 
 
-def default_crop(experiment_options):
-  for options in (experiment_options.train_dataset_options,
-                  experiment_options.eval_dataset_options):
-    if len(options.crop_size) == 2:
-      return tuple(options.crop_size)
-  return (641, 641)
+def default_crop(experiment_options) -> tuple[int, int]:
+  """(height, width) of the train crop, else of the eval crop, else FALLBACK_BUILD_CROP."""
+  for name in ('train_dataset_options', 'eval_dataset_options'):
+    crop_size = getattr(experiment_options, name).crop_size
+    if crop_size:
+      return datasets.crop_size_of(crop_size, f'{name}.crop_size')
+  return FALLBACK_BUILD_CROP
 
 
 def _semantic_branch(model_options, meta_options, semantic_channels, use_decoder, activation,

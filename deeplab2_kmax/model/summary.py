@@ -17,6 +17,7 @@ from absl import flags
 from deeplab2_kmax import command_line
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.config import loader
+from deeplab2_kmax.data import datasets
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model import macs as macs_lib
 
@@ -84,10 +85,10 @@ def main(argv):
   except loader.ConfigError as error:
     print(error, file=sys.stderr)
     return 2
-  crop = tuple(int(v) for v in FLAGS.crop.split(',')) if FLAGS.crop else None
-  crop = crop or builder.default_crop(config)
-  if len(crop) == 1:
-    crop = (crop[0], crop[0])
+  if FLAGS.crop:
+    crop = datasets.crop_size_of([int(v) for v in FLAGS.crop.split(',')], '--crop')
+  else:
+    crop = builder.default_crop(config)
   model = builder.build_model(config, crop_size=crop)
   summary = summarize(model, crop)
   print(format_table(summary))

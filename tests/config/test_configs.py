@@ -457,7 +457,7 @@ _INIT_VARIABLES = ('INIT_CHECKPOINT', 'PRETRAINED_WEIGHTS')
 def test_hostile_recipe_loads_without_init_checkpoint_and_defaults_to_a_zoo_backbone(path):
   # Issue 18: the recipes parse without the user exporting INIT_CHECKPOINT /
   # PRETRAINED_WEIGHTS; the default is the zoo's ImageNet backbone of the recipe's encoder.
-  from deeplab2_kmax.config import validation  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.model import builder  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.model_zoo import registry  # pylint: disable=g-import-not-at-top
   environ = {name: value for name, value in dummy_environ(path).items()
              if name not in _INIT_VARIABLES}
@@ -471,8 +471,8 @@ def test_hostile_recipe_loads_without_init_checkpoint_and_defaults_to_a_zoo_back
   # The backbone's own registry config names the same encoder.
   backbone_config = loader.load_config(str(entry.config_path),
                                        environ=loader.PlaceholderEnvironment(), validate=False)
-  assert (validation.backbone_name(config.model_options.backbone.name)
-          == validation.backbone_name(backbone_config.model_options.backbone.name)), entry.name
+  assert (builder.backbone_name(config.model_options.backbone.name)
+          == builder.backbone_name(backbone_config.model_options.backbone.name)), entry.name
   # The zoo's trained checkpoints of this recipe start from the same backbone.
   for trained in entries.values():
     if trained.config == f'configs/{_id(path)}' and trained.kind != registry.KIND_BACKBONE:

@@ -33,9 +33,23 @@ def test_recipe_is_valid():
 
 def test_backbone_names_match_the_presets():
   # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.model import builder
+  # pylint: disable-next=g-import-not-at-top
   from deeplab2_kmax.model.pixel_encoder import dual_path_resnet
-  assert sorted(validation.MAX_DEEPLAB_BACKBONES) == sorted(dual_path_resnet.PRESETS)
-  assert set(validation.MAX_DEEPLAB_BACKBONES) <= set(validation.SUPPORTED_BACKBONES)
+  assert sorted(builder.DUAL_PATH_ENCODERS) == sorted(dual_path_resnet.PRESETS)
+  assert set(builder.DUAL_PATH_ENCODERS) <= set(builder.ENCODERS)
+  # Validation reads the builder's table: every encoder it builds passes, others do not.
+  for name in builder.ENCODERS:
+    assert not [p for p in validation.find_problems(_with_backbone(name))
+                if p.field == 'model_options.backbone.name' and 'not supported' in p.message]
+  assert any('not supported' in p.message for p in validation.find_problems(
+      _with_backbone('resnet101')) if p.field == 'model_options.backbone.name')
+
+
+def _with_backbone(name):
+  config = loader.load_config(str(MAX_S_CONFIG), environ=ENV, validate=False)
+  config.model_options.backbone.name = name
+  return config
 
 
 # (override, field below model_options.max_deeplab, words the message must contain)

@@ -51,3 +51,13 @@ def test_inline_round_trip():
   assert again == d
   options = dataset_pb2.DatasetOptions(dataset_descriptor=datasets.to_inline_options(d))
   assert datasets.from_dataset_options(options) == d
+
+
+def test_crop_size_of_reads_one_or_two_values():
+  assert datasets.crop_size_of([641, 513]) == (641, 513)
+  assert datasets.crop_size_of([513]) == (513, 513)
+  options = dataset_pb2.DatasetOptions(crop_size=[129])
+  assert datasets.crop_size_of(options.crop_size) == (129, 129)
+  for values in ([], [1, 2, 3]):
+    with pytest.raises(ValueError, match='eval_dataset_options.crop_size'):
+      datasets.crop_size_of(values, 'eval_dataset_options.crop_size')

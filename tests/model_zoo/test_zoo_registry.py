@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from deeplab2_kmax.config import loader
-from deeplab2_kmax.config import validation
+from deeplab2_kmax.model import builder
 from deeplab2_kmax.model_zoo import registry
 
 URL_PREFIX = 'https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/'
@@ -81,7 +81,7 @@ def test_every_config_exists_and_matches_the_checkpoint(entries):
     assert entry.config_path.is_file(), f'{entry.name}: {entry.config} does not exist'
     config = loader.load_config(str(entry.config_path), environ=loader.PlaceholderEnvironment(),
                                 validate=False)
-    encoder = validation.backbone_name(config.model_options.backbone.name)
+    encoder = builder.backbone_name(config.model_options.backbone.name)
     expected = next(ours for part, ours in ENCODERS.items() if entry.name.startswith(
         (f'kmax_{part}_', f'{part}_')))
     assert encoder == expected, entry.name

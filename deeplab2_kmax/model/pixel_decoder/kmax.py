@@ -101,7 +101,7 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
                                     training)
     for i in range(len(self.dims) - 1):
       x = self._stages[i](x, training=training)
-      endpoints[f'decoder_stage{i + 1}'] = x
+      endpoints[common.decoder_stage_endpoint(common.ENCODER_OUTPUT_STRIDE >> i)] = x
       skip = inference_fusion.layer_norm(self._backbone_norms[i + 1],
                                          endpoints[self._endpoint_names[i + 1]], training)
       x = self._skip_connections[i]([x, skip], training=training)

@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence
 import tensorflow as tf
 
 from deeplab2_kmax import common
+from deeplab2_kmax.data import datasets
 from deeplab2_kmax.model.post_processing import maskwise
 from deeplab2_kmax.model.post_processing import panoptic
 from deeplab2_kmax.model.post_processing import pixelwise
@@ -149,7 +150,6 @@ class PostProcessor:
 
 def build_post_processor(experiment_options, descriptor) -> PostProcessor:
   """The PostProcessor of an ExperimentOptions (crop from eval_dataset_options.crop_size)."""
-  crop_size = list(experiment_options.eval_dataset_options.crop_size)
-  if len(crop_size) != 2:
-    raise ValueError(f'eval_dataset_options.crop_size must be [height, width], got {crop_size}.')
+  crop_size = datasets.crop_size_of(experiment_options.eval_dataset_options.crop_size,
+                                    'eval_dataset_options.crop_size')
   return PostProcessor.from_options(experiment_options.evaluator_options, descriptor, crop_size)

@@ -281,7 +281,7 @@ class CMTTransformerDecoder(kmax.KMaXTransformerDecoder):
       return
     # One carry into every later stride group and one into decoder_output; their widths are
     # the pixel decoder's, known from the endpoint shapes.
-    targets = {f'pixel_carry_to_stride{stride}': self.endpoint_for_stride(stride)
+    targets = {f'pixel_carry_to_stride{stride}': common.decoder_stage_endpoint(stride)
                for stride in dict.fromkeys(self._layer_strides[1:])
                if stride != self._layer_strides[0]}
     if self._layer_strides:
@@ -313,7 +313,7 @@ class CMTTransformerDecoder(kmax.KMaXTransformerDecoder):
       if stride != previous_stride:
         if pixels is not None:
           change = pixels - start
-        pixels = endpoints[self.endpoint_for_stride(stride)]
+        pixels = endpoints[common.decoder_stage_endpoint(stride)]
         if change is not None:
           pixels = self._carry(f'pixel_carry_to_stride{stride}', change, pixels, training)
         start = pixels

@@ -233,14 +233,9 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
         name='cluster_centers', shape=(1, self.num_cluster_centers, self.channels),
         initializer=keras.initializers.TruncatedNormal(stddev=1.0))
 
-  @staticmethod
-  def endpoint_for_stride(stride):
-    """decoder_stage1 is stride 32, decoder_stage2 stride 16, ..."""
-    return f'decoder_stage{(32 // stride).bit_length()}'
-
   def initial_centers(self, endpoints):
     """The learned centers tiled over the batch: [batch, N, D]."""
-    first = endpoints[self.endpoint_for_stride(self._layer_strides[0])]
+    first = endpoints[common.decoder_stage_endpoint(self._layer_strides[0])]
     return tf.tile(tf.cast(self.cluster_centers, self.compute_dtype),
                    [tf.shape(first)[0], 1, 1])
 
@@ -250,7 +245,7 @@ class KMaXTransformerDecoder(normalization.NormLayerSerializable, keras.layers.L
     auxiliary_outputs = []
     for layer, stride in zip(self._kmax_decoder, self._layer_strides):
       centers, auxiliary = self.call_layer(
-          layer, (endpoints[self.endpoint_for_stride(stride)], centers), training)
+          layer, (endpoints[common.decoder_stage_endpoint(stride)], centers), training)
       auxiliary_outputs.append(auxiliary)
     return self.finish(endpoints, centers, auxiliary_outputs, training=training)
 

@@ -107,3 +107,12 @@ def test_xla_compiled_post_processing_equals_graph_mode(mode):
     # Not a degenerate case: things, stuff and void all occur.
     assert {0, 1, 2} <= set(np.unique(panoptic_semantic).tolist()), np.unique(panoptic_semantic)
     assert set(np.unique(semantic).tolist()) <= {0, 1, 2}
+
+
+def test_one_value_eval_crop_is_a_square():
+  # Config validation allows crop_size: [5] (a 5x5 square); every reader agrees.
+  experiment = text_format.Parse('eval_dataset_options { crop_size: [5] }',
+                                 config_pb2.ExperimentOptions())
+  processor = post_processor.build_post_processor(experiment, DESCRIPTOR)
+  result = processor(_outputs())
+  assert all(value.shape == (1, 5, 5) for value in result.values())
