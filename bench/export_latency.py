@@ -131,6 +131,7 @@ def main(argv):
   from deeplab2_kmax.export import onnx_format
   from deeplab2_kmax.export import runtimes as runtimes_lib
   from deeplab2_kmax.export import saved_model as saved_model_lib
+  from deeplab2_kmax.checkpoint import model_restore
   from deeplab2_kmax.export import serving_module as serving_lib
   # pylint: enable=g-import-not-at-top
 
@@ -156,7 +157,7 @@ def main(argv):
       module = serving_lib.build_serving_module(config, batch_size=_BATCH.value,
                                                 precision=precision)
       if _CHECKPOINT.value:
-        serving_lib.restore_model(module.model, _CHECKPOINT.value)
+        model_restore.restore_model(module.model, _CHECKPOINT.value)
       elif precision != 'float32':
         # The same random weights as the float32 model, so that their outputs can agree.
         module.model.set_weights(module_of('float32').model.get_weights())

@@ -51,11 +51,13 @@ from deeplab2_kmax import output_folder
 from deeplab2_kmax.export import runtimes
 from deeplab2_kmax import progress as progress_lib
 from deeplab2_kmax import visualization
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
+from deeplab2_kmax.checkpoint import model_restore
+from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.export import serving_module
-from deeplab2_kmax.trainer import checkpoints
 
 PANOPTIC_DIR = 'panoptic'
 OVERLAY_DIR = 'overlay'
@@ -156,7 +158,7 @@ class Predictor:
   @classmethod
   def from_checkpoint(cls, config, checkpoint_path: str) -> 'Predictor':
     module = export_lib.build_serving_module(config)
-    restored = export_lib.restore_model(module.model, checkpoint_path)
+    restored = model_restore.restore_model(module.model, checkpoint_path)
     signature = module.signatures(['image_bytes'])[export_lib.SIGNATURE_IMAGE_BYTES]
     return cls(lambda data: signature(image_bytes=tf.constant([data])), module.descriptor,
                restored)
@@ -391,7 +393,7 @@ def make_predictor(model: Optional[str], config_file: Optional[str],
     raise app.UsageError('--config_file and --checkpoint_path go together.')
   config = config_flags.load_from_flags(inference=True)
   # Before the model is built: a wrong path should not cost its build.
-  checkpoint = export_lib.resolve_checkpoint(checkpoint_path)
+  checkpoint = checkpoint_paths.resolve_checkpoint(checkpoint_path)
   return Predictor.from_checkpoint(config, checkpoint)
 
 
@@ -413,7 +415,7 @@ def main(argv):
                                   fail_fast=values.fail_fast)
     except SkippedInputsError as error:
       annotations, skipped = error.annotations, error
-  except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, FileNotFoundError,
+  except (config_lib.ConfigError, checkpoint_layout.CheckpointMismatchError, FileNotFoundError,
           ValueError, ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1

@@ -58,18 +58,21 @@ def main(argv):
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.WARNING)
   # Imported here so that --help and flag errors do not pay for TensorFlow's start-up.
-  from deeplab2_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import controller  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax import config as config_lib
+  from deeplab2_kmax.checkpoint import initial_checkpoint
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout
+  from deeplab2_kmax.checkpoint import paths as checkpoint_paths
+  from deeplab2_kmax.data import pipeline
+  from deeplab2_kmax.trainer import controller
+  from deeplab2_kmax.trainer import runner
+  from deeplab2_kmax.trainer import strategy as strategy_lib
+  from deeplab2_kmax.trainer import trainer
+  # pylint: enable=g-import-not-at-top
   try:
     if _CHECKPOINT_PATH.value:
       # Before anything is built: a wrong path or name should not cost the model's build.
-      checkpoints.resolve_checkpoint(_CHECKPOINT_PATH.value)
+      checkpoint_paths.resolve_checkpoint(_CHECKPOINT_PATH.value)
     strategy = strategy_lib.create_strategy(num_gpus=_NUM_GPUS.value, tpu=_TPU.value)
     config = config_flags.load_from_flags(num_replicas=strategy.num_replicas_in_sync)
     runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy,
@@ -78,7 +81,8 @@ def main(argv):
   except (config_lib.ConfigError, pipeline.DataError, trainer.NonFiniteLossError,
           controller.NonFiniteStateError,
           runner.NoCheckpointError, strategy_lib.StrategyError,
-          checkpoints.CheckpointMismatchError, initial_checkpoint.InitialCheckpointError) as error:
+          checkpoint_layout.CheckpointMismatchError,
+          initial_checkpoint.InitialCheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   return 0

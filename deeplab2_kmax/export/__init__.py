@@ -9,7 +9,7 @@ post-processing in the graph.
 
 writes into `O/<version>/` (TF Serving's versioned layout; by default the next free version,
 so an export never replaces one; an explicit version that is taken needs --overwrite). C is a
-ckpt-N prefix, a folder of checkpoints or a model-zoo name (serving_module.resolve_checkpoint).
+ckpt-N prefix, a folder of checkpoints or a model-zoo name (checkpoint/paths.resolve_checkpoint).
 
 | format      | file(s)                              | run it with                           |
 |-------------|--------------------------------------|---------------------------------------|
@@ -60,10 +60,7 @@ from deeplab2_kmax.export.serving_module import PreprocessOptions
 from deeplab2_kmax.export.serving_module import segments_of
 from deeplab2_kmax.export.serving_module import build_serving_module
 from deeplab2_kmax.export.serving_module import preprocess_batch
-from deeplab2_kmax.export.serving_module import CheckpointPathError
 from deeplab2_kmax.export.serving_module import error_message
-from deeplab2_kmax.export.serving_module import resolve_checkpoint
-from deeplab2_kmax.export.serving_module import restore_model
 from deeplab2_kmax.export.serving_module import ServingModule
 from deeplab2_kmax.export.cli import parse_batch_size
 

@@ -13,6 +13,9 @@ from deeplab2_kmax import command_line
 from deeplab2_kmax import output_folder
 from deeplab2_kmax import config as config_lib
 from deeplab2_kmax import precision as precision_lib
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
+from deeplab2_kmax.checkpoint import model_restore
+from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.config import run_record
 from deeplab2_kmax.export import litert_format
@@ -20,7 +23,6 @@ from deeplab2_kmax.export import onnx_format
 from deeplab2_kmax.export import runtimes
 from deeplab2_kmax.export import saved_model as saved_model_lib
 from deeplab2_kmax.export import serving_module as serving_lib
-from deeplab2_kmax.trainer import checkpoints
 
 # Written into <version>/assets.extra by config/run_record.py (as into a training model_dir).
 EXPERIMENT_FILE = run_record.CONFIG_FILE
@@ -172,7 +174,7 @@ def main(argv):
     input_types = values.input_type or list(options.input_type) or list(serving_lib.INPUT_TYPES)
     # Paths before the model is built: a typo should not cost a model build.
     prepare_output_path(values.output_path)
-    checkpoint = serving_lib.resolve_checkpoint(checkpoint, checkpoint_flag)
+    checkpoint = checkpoint_paths.resolve_checkpoint(checkpoint, checkpoint_flag)
     version = choose_version(values.output_path, values.version, options, values.overwrite)
     directory = os.path.join(values.output_path, str(version))
     modules = {}
@@ -180,7 +182,7 @@ def main(argv):
       if precisions[name] not in modules:
         module = serving_lib.build_serving_module(config, batch_size=batch_size,
                                                   precision=precisions[name])
-        restored = serving_lib.restore_model(module.model, checkpoint)
+        restored = model_restore.restore_model(module.model, checkpoint)
         modules[precisions[name]] = module
       module = modules[precisions[name]]
       if name == 'saved_model':
@@ -203,7 +205,7 @@ def main(argv):
     run_record.write_run_record(
         os.path.join(directory, saved_model_lib.ASSETS_EXTRA), config,
         [os.path.basename(sys.executable), '-m', 'deeplab2_kmax.export'] + sys.argv[1:])
-  except (config_lib.ConfigError, checkpoints.CheckpointMismatchError, ValueError,
+  except (config_lib.ConfigError, checkpoint_layout.CheckpointMismatchError, ValueError,
           ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1

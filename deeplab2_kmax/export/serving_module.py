@@ -61,7 +61,6 @@ from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.data import tfrecord
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
-from deeplab2_kmax.trainer import checkpoints
 
 SIGNATURE_IMAGE_TENSOR = 'serving_default'
 SIGNATURE_IMAGE_BYTES = 'image_bytes'
@@ -427,9 +426,3 @@ def build_serving_module(config, model=None, batch_size: Optional[int] = None,
                        preprocess_options, descriptor, batch_size=batch_size,
                        include_raw_outputs=include_raw_outputs)
 
-
-# Checkpoint paths and restores live with the other checkpoint code (trainer/checkpoints.py);
-# export's callers and tests name them through this module.
-CheckpointPathError = checkpoints.CheckpointPathError
-resolve_checkpoint = checkpoints.resolve_checkpoint
-restore_model = checkpoints.restore_model

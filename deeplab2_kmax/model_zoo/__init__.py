@@ -1,4 +1,5 @@
-"""Model zoo: DeepLab2's published kMaX checkpoints, cached downloads, checkpoint conversion.
+"""Model zoo: DeepLab2's published kMaX checkpoints (registry.py) and cached downloads
+(download.py); the command line also converts checkpoints (checkpoint/deeplab2_conversion.py).
 
     python -m deeplab2_kmax.model_zoo list
     python -m deeplab2_kmax.model_zoo download kmax_resnet50_coco_train

@@ -57,51 +57,55 @@ def _build_model(config_file: str):
 def _read_source(args, source: str, read_fn):
   """read_fn(source), or ConversionError naming --from when there is no readable checkpoint."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import deeplab2_conversion  # pylint: disable=g-import-not-at-top
   try:
     return read_fn(source)
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise convert.ConversionError(
+    raise deeplab2_conversion.ConversionError(
         f'--from={args.source}: no readable checkpoint at {source} ({detail}); give a '
         'checkpoint prefix (the path before .index), its folder or a model-zoo name') from None
 
 
 def _convert(args) -> int:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model import checkpoint_map  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from deeplab2_kmax.checkpoint import deeplab2_conversion
+  from deeplab2_kmax.checkpoint import deeplab2_key_map
+  from deeplab2_kmax.checkpoint import initial_checkpoint
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout
+  # pylint: enable=g-import-not-at-top
   source = initial_checkpoint.resolve_checkpoint_path(args.source, '--from')
   # Read before the (slower) model build, so that a wrong --from fails at once.
   if args.to_deeplab2:
-    values = _read_source(args, source, convert.read_our_checkpoint)
+    values = _read_source(args, source, deeplab2_conversion.read_our_checkpoint)
     model = _build_model(args.config_file)
-    our_keys = convert.our_variable_keys(model)
+    our_keys = deeplab2_conversion.our_variable_keys(model)
     shapes = {our_keys[path]: list(variable.shape)
-              for path, variable in checkpoint_map.model_variable_paths(model).items()}
+              for path, variable in deeplab2_key_map.model_variable_paths(model).items()}
     rows = ([('shape', f'{key}: {list(values[key].shape)} in the checkpoint, {shape} in the '
                        'model') for key, shape in sorted(shapes.items())
              if key in values and list(values[key].shape) != shape]
             + [('missing', key) for key in sorted(set(shapes) - set(values))])
     if rows:
-      raise convert.ConversionError(checkpoints.format_variable_report(
+      raise deeplab2_conversion.ConversionError(checkpoint_layout.format_variable_report(
           f'{source} does not fit the model of {args.config_file}: '
           f'{sum(kind == "missing" for kind, _ in rows)} of its variables are missing, '
           f'{sum(kind == "shape" for kind, _ in rows)} have another shape',
           rows, listing_name='conversion'))
-    path = convert.write_deeplab2_checkpoint(convert.to_deeplab2(model, values), args.output)
+    path = deeplab2_conversion.write_deeplab2_checkpoint(
+        deeplab2_conversion.to_deeplab2(model, values), args.output)
     print(f'[convert] wrote DeepLab2-layout checkpoint {path}')
     return 0
   reader = _read_source(args, source, tf.train.load_checkpoint)
   model = _build_model(args.config_file)
-  report = convert.from_deeplab2(reader, model, allow_class_mismatch=args.allow_class_mismatch,
-                                 encoder_only=args.encoder_only, source=source)
+  report = deeplab2_conversion.from_deeplab2(
+      reader, model, allow_class_mismatch=args.allow_class_mismatch,
+      encoder_only=args.encoder_only, source=source)
   # Refused: the counts, the first few variables of each kind and a temp file with them all.
   report.check()
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  path = convert.write_our_checkpoint(report.values, args.output)
+  path = deeplab2_conversion.write_our_checkpoint(report.values, args.output)
   print(report.summary(listing_path=f'{path}.conversion.txt'))
   print(f'[convert] wrote {path} ({len(report.values)} variables); use it as '
         'model_options.initial_checkpoint')
@@ -138,9 +142,11 @@ def main(argv=None) -> int:
       return 0
     if args.command == 'readme':
       return _readme(args.check)
-    from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
-    from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
-    errors += (convert.ConversionError, initial_checkpoint.InitialCheckpointError)
+    # pylint: disable=g-import-not-at-top
+    from deeplab2_kmax.checkpoint import deeplab2_conversion
+    from deeplab2_kmax.checkpoint import initial_checkpoint
+    # pylint: enable=g-import-not-at-top
+    errors += (deeplab2_conversion.ConversionError, initial_checkpoint.InitialCheckpointError)
     return _convert(args)
   except Exception as error:  # pylint: disable=broad-except
     if not isinstance(error, errors):

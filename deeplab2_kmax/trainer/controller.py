@@ -36,6 +36,7 @@ import numpy as np
 import orbit
 import tensorflow as tf
 
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.trainer import checkpoints
 from deeplab2_kmax.trainer import trainer as trainer_lib
 
@@ -121,7 +122,7 @@ class RunController:
     self.evaluator = evaluator
     self.global_step = global_step
     self.manager = manager
-    self.variables = checkpoints.named_variables(checkpoint) if checkpoint is not None else {}
+    self.variables = checkpoint_layout.named_variables(checkpoint) if checkpoint is not None else {}
     self.steps_per_loop = max(1, steps_per_loop)
     self.checkpoint_interval = max(0, checkpoint_interval)
     self.summary_interval = max(1, summary_interval)

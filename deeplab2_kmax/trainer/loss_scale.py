@@ -8,7 +8,7 @@ The loss is multiplied by the scale before the backward pass so that small float
 do not underflow, and the gradients are divided by it afterwards. A step whose (scaled)
 gradients overflow halves the scale (never below 1) and is skipped by the trainer;
 GROWTH_STEPS finite steps in a row double it. Both variables are part of the training
-checkpoint (trainer/checkpoints.py), so a resumed run goes on with the scale it had.
+checkpoint (checkpoint/layout.py), so a resumed run goes on with the scale it had.
 """
 
 import tensorflow as tf

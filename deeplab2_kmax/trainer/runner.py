@@ -24,6 +24,9 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax import precision as precision_lib
+from deeplab2_kmax.checkpoint import initial_checkpoint
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
+from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.config import run_record
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data import pipeline as pipeline_lib
@@ -33,7 +36,6 @@ from deeplab2_kmax.model.post_processing import post_processor as post_processor
 from deeplab2_kmax.trainer import checkpoints
 from deeplab2_kmax.trainer import controller as controller_lib
 from deeplab2_kmax.trainer import evaluator as evaluator_lib
-from deeplab2_kmax.trainer import initial_checkpoint
 from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import optimizer as optimizer_lib
 from deeplab2_kmax.trainer import strategy as strategy_lib
@@ -141,8 +143,8 @@ class Experiment:
       # Checkpointed with the run, so a resumed mixed_float16 run keeps its scale.
       self.loss_scale = (loss_scale_lib.DynamicLossScale() if training and
                          trainer_options.mixed_precision_policy == 'mixed_float16' else None)
-      self.checkpoint = checkpoints.make_checkpoint(self.model, self.groups, self.global_step,
-                                                    self.loss_scale)
+      self.checkpoint = checkpoint_layout.make_checkpoint(self.model, self.groups,
+                                                          self.global_step, self.loss_scale)
     self.manager = checkpoints.make_manager(self.checkpoint, model_dir, self.global_step,
                                             trainer_options, self.strategy)
     if training:
@@ -154,11 +156,11 @@ class Experiment:
     latest = self.manager.latest_checkpoint
     if checkpoint_path:
       # Our layout, or DeepLab2's (a model-zoo download) converted in memory.
-      restored = checkpoints.restore_model(self.model, checkpoint_path)
+      restored = model_restore.restore_model(self.model, checkpoint_path)
       log_fn(f'[eval] evaluating {restored}')
     elif latest and not training:
       # Fail here, before anything runs, with a readable message.
-      checkpoints.restore(self.checkpoint, latest, partial=True)
+      checkpoint_layout.restore(self.checkpoint, latest, partial=True)
     resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
     if resumed:
       log_fn(f'[train] resumed from {resumed} at step {int(self.global_step.numpy())}')
@@ -227,7 +229,7 @@ class Experiment:
                 'point --model_dir at a trained run, or name one with --checkpoint_path (a '
                 'checkpoint or a model-zoo name).')
           # Optimizer slots in the file are not needed; every model variable must be found.
-          checkpoints.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
+          checkpoint_layout.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
         self.controller.evaluate(eval_steps)
       else:
         self._evaluate_continuously(eval_steps, eval_options.continuous_eval_timeout, total)
@@ -250,7 +252,7 @@ class Experiment:
     for path in tf.train.checkpoints_iterator(self.model_dir,
                                               timeout=None if timeout < 0 else timeout):
       try:
-        checkpoints.restore(self.checkpoint, path, partial=True)
+        checkpoint_layout.restore(self.checkpoint, path, partial=True)
       except tf.errors.NotFoundError:
         # The trainer's CheckpointManager deleted it (keep N) before we got to it.
         self.log_fn(f'[eval] {path} was deleted before it could be evaluated; skipped.')

@@ -149,14 +149,14 @@ def exported(tmp_path_factory):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import export  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('export')
   config = tiny_export_config(root / 'data')
   keras.utils.set_random_seed(11)
   module = export.build_serving_module(config)
   sharpen_max_head(module.model)
   step = tf.Variable(123, dtype=tf.int64)
-  checkpoint = checkpoints.make_checkpoint(module.model, [], step)
+  checkpoint = checkpoint_layout.make_checkpoint(module.model, [], step)
   tf.train.CheckpointManager(checkpoint, str(root / 'model'), max_to_keep=1).save(123)
   config_file = root / 'config.textproto'
   config_file.write_text(text_format.MessageToString(config))

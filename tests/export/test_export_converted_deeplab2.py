@@ -64,7 +64,7 @@ def converted_export(request, tmp_path_factory):
   from deeplab2_kmax.config import loader  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.export import runtimes  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.model import builder  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import deeplab2_conversion  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('converted')
   overrides = [CROP_65] + ([TINY_MODEL] if request.param == 'tiny' else [])
   config = loader.load_config(str(AXIAL_R50_CONFIG), overrides,
@@ -76,15 +76,15 @@ def converted_export(request, tmp_path_factory):
   keras.utils.set_random_seed(5)
   model = builder.build_model(config, crop_size=(65, 65))
   sharpen_max_head(model)
-  deeplab2_checkpoint = convert.write_deeplab2_checkpoint(convert.to_deeplab2(model),
+  deeplab2_checkpoint = deeplab2_conversion.write_deeplab2_checkpoint(deeplab2_conversion.to_deeplab2(model),
                                                           str(root / 'deeplab2' / 'ckpt'))
   # What `python -m deeplab2_kmax.model_zoo convert --from=... --output=...` runs (its command
-  # line is tested in tests/model/test_deeplab2_conversion.py), in process: a subprocess would
+  # line is tested in tests/model/test_checkpoint/deeplab2_conversion.py), in process: a subprocess would
   # build the model again.
-  report = convert.from_deeplab2(tf.train.load_checkpoint(deeplab2_checkpoint), model,
+  report = deeplab2_conversion.from_deeplab2(tf.train.load_checkpoint(deeplab2_checkpoint), model,
                                  source=deeplab2_checkpoint)
   report.check()
-  ours = convert.write_our_checkpoint(report.values, str(root / 'ours' / 'ckpt'))
+  ours = deeplab2_conversion.write_our_checkpoint(report.values, str(root / 'ours' / 'ckpt'))
   export_log = _run(['deeplab2_kmax.export', f'--config_file={config_file}',
                      f'--checkpoint_path={ours}', f'--output_path={root / "serving"}',
                      '--format=saved_model,onnx,litert'])

@@ -56,7 +56,7 @@ def exported_max(tmp_path_factory, synthetic_data_dir):
   from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import export  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.config import loader  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('export_max')
   config = loader.load_config(str(MAX_DEMO_CONFIG), [TINY_MAX_OVERRIDE],
                               environ={'SYNTHETIC_DATA_DIR': str(synthetic_data_dir)})
@@ -65,7 +65,7 @@ def exported_max(tmp_path_factory, synthetic_data_dir):
   module = export.build_serving_module(config)
   sharpen_max_head(module.model)
   step = tf.Variable(7, dtype=tf.int64)
-  checkpoint = checkpoints.make_checkpoint(module.model, [], step)
+  checkpoint = checkpoint_layout.make_checkpoint(module.model, [], step)
   tf.train.CheckpointManager(checkpoint, str(root / 'model'), max_to_keep=1).save(7)
   config_file = root / 'config.textproto'
   config_file.write_text(text_format.MessageToString(config))

@@ -18,6 +18,7 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax import predict
+from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.data import preprocessing
 from deeplab2_kmax.export import cli as export_cli
 from deeplab2_kmax.export import runtimes as runtimes_lib
@@ -316,16 +317,16 @@ def test_hostile_zoo_name_or_converted_folder_as_checkpoint_path(exported, tmp_p
   """A model-zoo name resolves to the cached download (DeepLab2's layout, converted in memory)
   without touching the network, and predicts as the export of the same weights does; a
   `model_zoo convert` output folder (one checkpoint, no state file) is a checkpoint path too."""
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import deeplab2_conversion  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.model_zoo import download  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / 'cache'))
   monkeypatch.setattr(download, 'download',
                       lambda *args, **kwargs: pytest.fail('the cached entry was downloaded'))
   # What `python -m deeplab2_kmax.model_zoo download` leaves in the cache: DeepLab2's layout.
   model = exported.module.model
-  cached = convert.write_deeplab2_checkpoint(
-      convert.to_deeplab2(model), str(tmp_path / 'cache' / 'checkpoints' / ZOO_NAME / 'ckpt'))
-  assert export.resolve_checkpoint(ZOO_NAME) == cached
+  cached = deeplab2_conversion.write_deeplab2_checkpoint(
+      deeplab2_conversion.to_deeplab2(model), str(tmp_path / 'cache' / 'checkpoints' / ZOO_NAME / 'ckpt'))
+  assert checkpoint_paths.resolve_checkpoint(ZOO_NAME) == cached
 
   predictor = predict.Predictor.from_checkpoint(exported.config, ZOO_NAME)
   assert predictor.source == f'{cached} (DeepLab2 layout, converted)'
@@ -335,11 +336,11 @@ def test_hostile_zoo_name_or_converted_folder_as_checkpoint_path(exported, tmp_p
   for key in export.PREDICTION_KEYS + export.SEGMENT_KEYS:
     np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
 
-  report = convert.from_deeplab2(tf.train.load_checkpoint(cached), model, source=cached)
+  report = deeplab2_conversion.from_deeplab2(tf.train.load_checkpoint(cached), model, source=cached)
   report.check()
-  ours = convert.write_our_checkpoint(report.values, str(tmp_path / 'converted' / 'ckpt'))
-  assert export.resolve_checkpoint(str(tmp_path / 'converted')) == ours
+  ours = deeplab2_conversion.write_our_checkpoint(report.values, str(tmp_path / 'converted' / 'ckpt'))
+  assert checkpoint_paths.resolve_checkpoint(str(tmp_path / 'converted')) == ours
 
-  with pytest.raises(export.CheckpointPathError,
+  with pytest.raises(checkpoint_paths.CheckpointPathError,
                      match=f'close to it: {ZOO_NAME}.*model-zoo name'):
-    export.resolve_checkpoint(ZOO_NAME[:-1])
+    checkpoint_paths.resolve_checkpoint(ZOO_NAME[:-1])

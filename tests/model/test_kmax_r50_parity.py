@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from deeplab2_kmax import common
-from deeplab2_kmax.model import checkpoint_map
+from deeplab2_kmax.checkpoint import deeplab2_key_map
 from tests.conftest import upstream_reference
 
 
@@ -32,7 +32,7 @@ def upstream_variable_shapes():
       if line.startswith('#') or not line.strip():
         continue
       key, shape = line.rstrip('\n').split('\t')
-      if key.endswith(checkpoint_map.CHECKPOINT_SUFFIX):
+      if key.endswith(deeplab2_key_map.CHECKPOINT_SUFFIX):
         shapes[key] = tuple(json.loads(shape))
   return shapes
 
@@ -59,11 +59,11 @@ def test_component_parameters(coco_r50_model):
 def test_every_checkpoint_variable_maps_to_one_variable_of_the_same_shape(coco_r50_model):
   upstream = upstream_variable_shapes()
   assert len(upstream) == 1184
-  mapping, unmatched, unmapped = checkpoint_map.build_mapping(upstream, coco_r50_model)
+  mapping, unmatched, unmapped = deeplab2_key_map.build_mapping(upstream, coco_r50_model)
   assert unmatched == []
   assert unmapped == []
   assert len(set(mapping.values())) == len(mapping) == 1184
-  ours = checkpoint_map.model_variable_paths(coco_r50_model)
+  ours = deeplab2_key_map.model_variable_paths(coco_r50_model)
   for key, path in mapping.items():
     assert tuple(ours[path].shape) == upstream[key], (key, path)
     # Trainability follows the variable kind (BN moving statistics are not trained).
@@ -73,8 +73,8 @@ def test_every_checkpoint_variable_maps_to_one_variable_of_the_same_shape(coco_r
 def test_per_checkpoint_item_counts_through_the_mapping(coco_r50_model):
   reference = _reference_counts()['per_checkpoint_item']
   upstream = upstream_variable_shapes()
-  mapping, _, _ = checkpoint_map.build_mapping(upstream, coco_r50_model)
-  ours = checkpoint_map.model_variable_paths(coco_r50_model)
+  mapping, _, _ = deeplab2_key_map.build_mapping(upstream, coco_r50_model)
+  ours = deeplab2_key_map.model_variable_paths(coco_r50_model)
   per_item = {}
   for key, path in mapping.items():
     item = key.split('/')[0]
@@ -83,7 +83,7 @@ def test_per_checkpoint_item_counts_through_the_mapping(coco_r50_model):
 
 
 def test_mapping_rules_on_examples():
-  suffix = checkpoint_map.CHECKPOINT_SUFFIX
+  suffix = deeplab2_key_map.CHECKPOINT_SUFFIX
   cases = {
       'encoder/_stem/_conv/kernel': 'encoder/stem/conv/kernel',
       'pixel_decoder/_stages/1/_block3/_attention/_width_axis/_key_rpe/embeddings':
@@ -96,8 +96,8 @@ def test_mapping_rules_on_examples():
       'pixel_space_mask_batch_norm/gamma': 'predictor/pixel_space_mask_batch_norm/gamma',
   }
   for key, path in cases.items():
-    assert checkpoint_map.upstream_to_ours(key + suffix) == path
-  assert checkpoint_map.upstream_to_ours('_CHECKPOINTABLE_OBJECT_GRAPH') is None
+    assert deeplab2_key_map.upstream_to_ours(key + suffix) == path
+  assert deeplab2_key_map.upstream_to_ours('_CHECKPOINTABLE_OBJECT_GRAPH') is None
 
 
 def test_outputs_at_crop_65(coco_r50_model):
@@ -141,7 +141,7 @@ def test_convnext_base_kmax_coco_parameters(coco_r50_options):
 
 
 def test_convnext_mapping_rules_and_layout():
-  suffix = checkpoint_map.CHECKPOINT_SUFFIX
+  suffix = deeplab2_key_map.CHECKPOINT_SUFFIX
   cases = {
       'encoder/downsample_layers/0/layer_with_weights-0/kernel': 'encoder/stem/conv/kernel',
       'encoder/downsample_layers/0/layer_with_weights-1/gamma': 'encoder/stem/norm/gamma',
@@ -155,8 +155,8 @@ def test_convnext_mapping_rules_and_layout():
           'encoder/convnext_block_0_1/depthwise_conv/kernel',
   }
   for key, path in cases.items():
-    assert checkpoint_map.upstream_to_ours(key + suffix) == path
+    assert deeplab2_key_map.upstream_to_ours(key + suffix) == path
   grouped = np.arange(7 * 7 * 4, dtype=np.float32).reshape(7, 7, 1, 4)
-  depthwise = checkpoint_map.to_our_layout(grouped, (7, 7, 4, 1))
+  depthwise = deeplab2_key_map.to_our_layout(grouped, (7, 7, 4, 1))
   assert depthwise.shape == (7, 7, 4, 1)
   assert depthwise[3, 2, 1, 0] == grouped[3, 2, 0, 1]

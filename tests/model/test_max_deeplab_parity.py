@@ -18,8 +18,8 @@ import pytest
 
 from deeplab2_kmax.config import loader
 from deeplab2_kmax.model import builder
-from deeplab2_kmax.model import checkpoint_map
-from deeplab2_kmax.model_zoo import convert
+from deeplab2_kmax.checkpoint import deeplab2_key_map
+from deeplab2_kmax.checkpoint import deeplab2_conversion
 
 REPO = os.path.join(os.path.dirname(__file__), '..', '..')
 S_CONFIG = os.path.join(REPO, 'configs', 'coco', 'max_deeplab',
@@ -80,15 +80,15 @@ def test_every_deeplab2_variable_maps_to_one_variable_of_the_same_shape(built):
   backbone, model = built
   upstream = _upstream_shapes(backbone)
   assert len(upstream) == DEEPLAB2[backbone]['tensors']
-  mapping, unmatched, unmapped = checkpoint_map.build_mapping(upstream, model)
+  mapping, unmatched, unmapped = deeplab2_key_map.build_mapping(upstream, model)
   assert unmatched == [] and unmapped == []
   assert len(set(mapping.values())) == len(mapping) == len(upstream)
-  ours = checkpoint_map.model_variable_paths(model)
+  ours = deeplab2_key_map.model_variable_paths(model)
   wrong = {key: (upstream[key], tuple(ours[path].shape)) for key, path in mapping.items()
            if upstream[key] != tuple(ours[path].shape)}
   assert not wrong
   # The inverse mapping gives DeepLab2's keys back.
-  assert {checkpoint_map.ours_to_upstream(path): key
+  assert {deeplab2_key_map.ours_to_upstream(path): key
           for key, path in mapping.items()} == {key: key for key in mapping}
 
 
@@ -124,7 +124,7 @@ def test_deeplab2_imagenet_backbone_fills_the_encoder_except_what_trains_from_sc
   # every encoder variable except the transformer / extra / memory ones, and nothing else.
   backbone, model = built
   upstream = _upstream_shapes(f'{backbone}_backbone')
-  report = convert.from_deeplab2(_ShapeOnlyReader(upstream), model, encoder_only=True)
+  report = deeplab2_conversion.from_deeplab2(_ShapeOnlyReader(upstream), model, encoder_only=True)
   assert report.unused == [] and report.mismatched == [] and report.problems == []
   assert len(report.values) == len(upstream)
   scratch = [key for key in report.allowed if key.startswith('encoder/')]

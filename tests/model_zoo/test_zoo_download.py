@@ -251,7 +251,7 @@ def test_unknown_zoo_name_suggests_close_names():
 
 
 def test_initial_checkpoint_resolves_a_cached_zoo_name_offline(cache):
-  from deeplab2_kmax.trainer import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import initial_checkpoint  # pylint: disable=g-import-not-at-top
   folder = cache / 'checkpoints' / 'kmax_resnet50_coco_train' / 'kmax_resnet50_coco_train'
   tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(folder / 'ckpt-150000'))
   assert initial_checkpoint.resolve_checkpoint_path('kmax_resnet50_coco_train') == str(

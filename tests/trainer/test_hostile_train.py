@@ -183,8 +183,8 @@ def test_hostile_too_few_cluster_centers_warn_once_naming_both_numbers(tiny_trai
   assert max(seen) == things
 
 
-# ---- eval of a named checkpoint (a path here; zoo names resolve in checkpoints.resolve_checkpoint,
-# tests/export/test_hostile_serving.py) ----
+# ---- eval of a named checkpoint (a path here; zoo names resolve in
+# checkpoint/paths.resolve_checkpoint, tests/export/test_hostile_serving.py) ----
 
 def test_hostile_eval_of_a_named_checkpoint_equals_the_runs_own_eval(tiny_train_and_eval_run,
                                                                     tmp_path):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab2_kmax.checkpoint import initial_checkpoint
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.config import loader
 from deeplab2_kmax.model import builder
-from deeplab2_kmax.trainer import checkpoints
-from deeplab2_kmax.trainer import initial_checkpoint
 from deeplab2_kmax.trainer import runner
 from tests.trainer import conftest
 
@@ -18,7 +18,7 @@ def _values(layer):
 
 def test_restores_all_but_class_dependent_layers_and_reports_them(synthetic_data_dir, tmp_path):
   source = builder.build_model(conftest.tiny_config(synthetic_data_dir))
-  path = checkpoints.make_checkpoint(source, [], tf.Variable(0, dtype=tf.int64)).write(
+  path = checkpoint_layout.make_checkpoint(source, [], tf.Variable(0, dtype=tf.int64)).write(
       str(tmp_path / 'source'))
   # Two more semantic channels: the semantic and transformer class heads change shape.
   # (Not validated: the config check would demand the dataset's 7.)
@@ -77,11 +77,11 @@ def test_eval_of_a_checkpoint_from_another_config_says_which_and_what_to_do(tiny
   # A checkpoint of a model with 2 cluster centers, evaluated with the 4-center config.
   other = tiny('model_options { kmax { num_cluster_centers: 2 } }')
   step = tf.Variable(3, dtype=tf.int64)
-  checkpoints.make_checkpoint(builder.build_model(other), [], step).write(
+  checkpoint_layout.make_checkpoint(builder.build_model(other), [], step).write(
       str(tmp_path / 'ckpt-3'))
   (tmp_path / 'checkpoint').write_text('model_checkpoint_path: "ckpt-3"\n'
                                        'all_model_checkpoint_paths: "ckpt-3"\n')
-  with pytest.raises(checkpoints.CheckpointMismatchError,
+  with pytest.raises(checkpoint_layout.CheckpointMismatchError,
                      match=r'ckpt-3 does not fit the configured model: \d+ model variables '
                      r'match, 0 are missing from it, [1-9]\d* have another shape.*new '
                      r'--model_dir') as info:

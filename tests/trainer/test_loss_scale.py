@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.trainer import checkpoints
 from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import runner
@@ -90,8 +91,8 @@ def test_checkpoint_without_loss_scale_restores_with_a_fresh_scale(run):
   experiment = run['experiment']
   old_dir = run['tmp'].mktemp('old_checkpoint')
   # What the runner wrote before the scale was checkpointed.
-  old = checkpoints.make_checkpoint(experiment.model, experiment.groups,
-                                    experiment.global_step)
+  old = checkpoint_layout.make_checkpoint(experiment.model, experiment.groups,
+                                          experiment.global_step)
   path = tf.train.CheckpointManager(old, str(old_dir), max_to_keep=1,
                                     checkpoint_name=checkpoints.CHECKPOINT_PREFIX).save(
                                         checkpoint_number=experiment.global_step)

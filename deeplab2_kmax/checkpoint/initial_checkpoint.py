@@ -3,7 +3,7 @@
     table = restore_initial_checkpoint(model, path, restore_semantic_last_layer=False,
                                        restore_instance_last_layer=False)
 
-Reads a checkpoint written by this runner (items keyed as in checkpoints.py:
+Reads a checkpoint written by the runner (items keyed as in layout.py:
 `encoder/stage2.block1.conv1_bn_act.conv.kernel`, `predictor/transformer_class_head.kernel`)
 and copies every variable whose shape matches into the model's variable of the same key.
 Skipped are: everything outside the model components (optimizer slots, step),
@@ -13,8 +13,8 @@ whose shape differs (e.g. a different class count). Returns, and logs, a table o
 restored and skipped, with reasons.
 
 `path` may also be a model-zoo name (downloaded into the cache, see model_zoo/download.py) or
-a DeepLab2 checkpoint: DeepLab2-layout keys are converted to ours first (model_zoo/convert.py,
-into a temporary folder), then restored by the same rules.
+a DeepLab2 checkpoint: DeepLab2-layout keys are converted to ours first
+(deeplab2_conversion.py, into a temporary folder), then restored by the same rules.
 """
 
 import os
@@ -22,39 +22,14 @@ import tempfile
 from typing import Callable, Optional
 
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from deeplab2_kmax.trainer import checkpoints
-
-_OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
-SEMANTIC_LAST_LAYER = 'semantic_head/final_conv.'
-INSTANCE_LAST_LAYER = 'predictor/transformer_class_head.'
+from deeplab2_kmax.checkpoint import deeplab2_conversion
+from deeplab2_kmax.checkpoint import layout
+from deeplab2_kmax.checkpoint import paths
 
 
 class InitialCheckpointError(ValueError):
   """model_options.initial_checkpoint cannot be used; str(error) names it and the fix."""
-
-
-def checkpoint_variables(path: str):
-  """{tracked path: checkpoint key} of every variable in the checkpoint's object graph."""
-  reader = tf.train.load_checkpoint(path)
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
-  found = {}
-  stack = [(0, '')]
-  seen = set()
-  while stack:
-    node_id, prefix = stack.pop()
-    if node_id in seen:
-      continue
-    seen.add(node_id)
-    node = graph.nodes[node_id]
-    for attribute in node.attributes:
-      if attribute.name == 'VARIABLE_VALUE':
-        found[prefix.rstrip('/')] = attribute.checkpoint_key
-    for child in node.children:
-      stack.append((child.node_id, f'{prefix}{child.local_name}/'))
-  return reader, found
 
 
 def _live(items: dict, path: str):
@@ -78,9 +53,7 @@ def restore_initial_checkpoint(model, path: str, restore_semantic_last_layer: bo
     keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   except (tf.errors.OpError, ValueError, RuntimeError) as error:  # OpError: a bad .index
     raise _unreadable(path, error, field) from None
-  # Imported here: model_zoo.convert imports this module.
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
-  if convert.is_deeplab2_layout(keys):
+  if deeplab2_conversion.is_deeplab2_layout(keys):
     with tempfile.TemporaryDirectory(prefix='deeplab2_converted_') as scratch:
       converted = _convert_deeplab2(model, path, os.path.join(scratch, 'ckpt'), encoder_only,
                                     log_fn)
@@ -103,23 +76,22 @@ def _unreadable(path: str, error: Exception,
 def resolve_checkpoint_path(path: str, field: str = 'model_options.initial_checkpoint') -> str:
   """A checkpoint prefix for a checkpoint to start from (`field`: the config field or flag
   it came from, for messages): a zoo name (fetched into the cache; ImageNet backbones too), a
-  folder (its latest checkpoint) or a prefix (checkpoints.resolve_checkpoint).
+  folder (its latest checkpoint) or a prefix (paths.resolve_checkpoint).
 
   Raises:
     InitialCheckpointError: naming the path and what would be right.
   """
   try:
-    return checkpoints.resolve_checkpoint(path, field, allow_backbones=True)
-  except checkpoints.CheckpointPathError as error:
+    return paths.resolve_checkpoint(path, field, allow_backbones=True)
+  except paths.CheckpointPathError as error:
     raise InitialCheckpointError(str(error)) from None
 
 
 def _convert_deeplab2(model, path: str, output: str, encoder_only: bool, log_fn) -> str:
   """Converts a DeepLab2 checkpoint for `model` into our layout at `output` (values of
   mismatched shape are kept so that the restore table names them)."""
-  from deeplab2_kmax.model_zoo import convert  # pylint: disable=g-import-not-at-top
   reader = tf.train.load_checkpoint(path)
-  report = convert.from_deeplab2(reader, model, allow_class_mismatch=True,
+  report = deeplab2_conversion.from_deeplab2(reader, model, allow_class_mismatch=True,
                                  encoder_only=encoder_only, source=path)
   if log_fn:
     log_fn(report.summary().split('\n', 1)[0])
@@ -129,7 +101,7 @@ def _convert_deeplab2(model, path: str, output: str, encoder_only: bool, log_fn)
   if not values:
     raise InitialCheckpointError(f'model_options.initial_checkpoint "{path}": no variable of '
                                  'this DeepLab2 checkpoint maps onto the model.')
-  return convert.write_our_checkpoint(values, output)
+  return deeplab2_conversion.write_our_checkpoint(values, output)
 
 
 def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
@@ -137,18 +109,19 @@ def _restore_ours(model, path: str, restore_semantic_last_layer: bool,
                   log_fn: Optional[Callable[[str], None]]) -> dict:
   """restore_initial_checkpoint for a checkpoint prefix in our layout."""
   try:
-    reader, variables = checkpoint_variables(path)
+    reader, variables = layout.checkpoint_variables(path)
   except (tf.errors.OpError, ValueError, RuntimeError) as error:  # OpError: a bad .index
     raise _unreadable(path, error) from None
-  components = {name: checkpoints.variables_by_path(component.weights, strip_components=2)
-                for name, component in model.components().items()}
+  components = layout.model_items(model)
   if encoder_only:
     components = {'encoder': components['encoder']}
   skip_prefixes = {}
   if not restore_semantic_last_layer:
-    skip_prefixes[SEMANTIC_LAST_LAYER] = 'restore_semantic_last_layer_from_initial_checkpoint'
+    skip_prefixes[layout.SEMANTIC_LAST_LAYER] = (
+        'restore_semantic_last_layer_from_initial_checkpoint')
   if not restore_instance_last_layer:
-    skip_prefixes[INSTANCE_LAST_LAYER] = 'restore_instance_last_layer_from_initial_checkpoint'
+    skip_prefixes[layout.INSTANCE_LAST_LAYER] = (
+        'restore_instance_last_layer_from_initial_checkpoint')
   table = {'restored': [], 'skipped': {}, 'missing': []}
   assigned = set()
   for tracked, key in sorted(variables.items()):
@@ -196,5 +169,5 @@ def format_table(path: str, table: dict) -> str:
           + [('restored', p) for p in table['restored']])
   headline = (f'[init] {path}: restored {len(table["restored"])} variables, skipped '
               f'{len(table["skipped"])}, {len(table["missing"])} model variables not restored')
-  return checkpoints.format_variable_report(headline, rows, listing_name='initial_checkpoint',
-                                            limit=5)
+  return layout.format_variable_report(headline, rows, listing_name='initial_checkpoint',
+                                       limit=5)

@@ -5,10 +5,10 @@
     write_our_checkpoint(report.values, '/tmp/kmax/ckpt')
 
 DeepLab2 keys (`encoder/_stage2/_block1/_conv1_bn_act/_batch_norm/beta/.ATTRIBUTES/
-VARIABLE_VALUE`) map to our variables through model/checkpoint_map.py. Our checkpoint is the
-one trainer/checkpoints.py writes for the model: one item per model component, each a dict of
-its variables keyed by their path below the component with '/' written '.', so
-trainer/initial_checkpoint.py restores it like a checkpoint of our own run.
+VARIABLE_VALUE`) map to our variables through deeplab2_key_map.py. Our checkpoint is the
+layout of layout.py for the model: one item per model component, each a dict of its variables
+keyed by their path below the component with '/' written '.', so initial_checkpoint.py
+restores it like a checkpoint of our own run.
 
 ImageNet backbone checkpoints: DeepLab2's ResNet / Axial-ResNet ones hold an `encoder` item;
 ConvNeXt weights are `save_weights` files of the encoder alone (keys start at the encoder, e.g.
@@ -22,9 +22,8 @@ from typing import Iterable, Optional
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.model import checkpoint_map
-from deeplab2_kmax.trainer import checkpoints
-from deeplab2_kmax.trainer import initial_checkpoint
+from deeplab2_kmax.checkpoint import deeplab2_key_map
+from deeplab2_kmax.checkpoint import layout
 
 # DeepLab2's top-level checkpoint items (kmax_deeplab.py checkpoint_items).
 DEEPLAB2_ITEMS = ('encoder', 'pixel_decoder', 'transformer_decoder', 'semantic_decoder',
@@ -42,8 +41,7 @@ class ConversionError(ValueError):
 
 def is_class_dependent(our_key: str) -> bool:
   """Whether our checkpoint key 'component/a.b.c' belongs to a class-dependent last layer."""
-  return (our_key.startswith((initial_checkpoint.SEMANTIC_LAST_LAYER,
-                              initial_checkpoint.INSTANCE_LAST_LAYER))
+  return (our_key.startswith((layout.SEMANTIC_LAST_LAYER, layout.INSTANCE_LAST_LAYER))
           or _AUXILIARY_CLASS_HEAD in our_key)
 
 
@@ -85,16 +83,15 @@ class ConversionReport:
   def summary(self, limit: int = 5, listing_path: Optional[str] = None) -> str:
     """The counts, the first `limit` variables of each kind and, given `listing_path`, a text
     file there listing them all."""
-    return checkpoints.format_variable_report(f'[convert] {self.source}: {self.counts()}',
-                                              self._rows(), limit=limit,
-                                              listing_path=listing_path)
+    return layout.format_variable_report(f'[convert] {self.source}: {self.counts()}',
+                                         self._rows(), limit=limit, listing_path=listing_path)
 
   def check(self) -> None:
     """Raises ConversionError unless every model variable not allowed got a value; its
     message has the counts, the first few variables of each kind and a temp file listing
     them all."""
     if self.problems:
-      raise ConversionError(checkpoints.format_variable_report(
+      raise ConversionError(layout.format_variable_report(
           f'{self.source}: {len(self.problems)} model variables get no value ({self.counts()}). '
           'Is the config the one the checkpoint was trained with? When fine-tuning to other '
           'classes allow the class-dependent last layers (--allow_class_mismatch).',
@@ -105,25 +102,24 @@ def our_variable_keys(model) -> dict:
   """{variable path relative to the model: our checkpoint key 'component/a.b.c'}."""
   keys = {}
   by_id = {}
-  for name, component in model.components().items():
-    for key, variable in checkpoints.variables_by_path(component.weights,
-                                                       strip_components=2).items():
+  for name, variables in layout.model_items(model).items():
+    for key, variable in variables.items():
       by_id[id(variable)] = f'{name}/{key}'
-  for path, variable in checkpoint_map.model_variable_paths(model).items():
+  for path, variable in deeplab2_key_map.model_variable_paths(model).items():
     keys[path] = by_id[id(variable)]
   return keys
 
 
 def is_convnext(model) -> bool:
   return any(path.startswith('encoder/convnext_block_')
-             for path in checkpoint_map.model_variable_paths(model))
+             for path in deeplab2_key_map.model_variable_paths(model))
 
 
 def _variable_keys(shape_map: dict) -> dict:
   """{DeepLab2 key (with an `encoder/` item for encoder-only files): source key}."""
   # Optimizer slots of a training checkpoint (`<variable>/.OPTIMIZER_SLOT/optimizer/m/...`)
   # are not model variables.
-  keys = [key for key in shape_map if key.endswith(checkpoint_map.CHECKPOINT_SUFFIX)
+  keys = [key for key in shape_map if key.endswith(deeplab2_key_map.CHECKPOINT_SUFFIX)
           and '/.OPTIMIZER_SLOT/' not in key]
   if keys and not any(key.split('/', 1)[0] in DEEPLAB2_ITEMS for key in keys):
     return {f'encoder/{key}': key for key in keys}  # An encoder's own save_weights file.
@@ -146,21 +142,21 @@ def from_deeplab2(reader, model, allow_class_mismatch: bool = False,
       memory variables) is allowed to stay unassigned.
   """
   our_keys = our_variable_keys(model)
-  variables = checkpoint_map.model_variable_paths(model)
+  variables = deeplab2_key_map.model_variable_paths(model)
   report = ConversionReport(source=source or 'checkpoint')
   assigned = set()
   shapes = reader.get_variable_to_shape_map()
   for key, source_key in sorted(_variable_keys(shapes).items()):
-    path = checkpoint_map.upstream_to_ours(key)
+    path = deeplab2_key_map.upstream_to_ours(key)
     if path is None or path not in variables:
       report.unused.append(source_key)
       continue
     target_shape = tuple(variables[path].shape)
     shape = tuple(shapes[source_key])
-    if not checkpoint_map.layouts_compatible(shape, target_shape):
+    if not deeplab2_key_map.layouts_compatible(shape, target_shape):
       report.mismatched.append((source_key, shape, our_keys[path], target_shape))
       continue
-    value = checkpoint_map.to_our_layout(reader.get_tensor(source_key), target_shape)
+    value = deeplab2_key_map.to_our_layout(reader.get_tensor(source_key), target_shape)
     report.values[our_keys[path]] = value.astype(variables[path].dtype)
     assigned.add(path)
   allowed = tuple(allowed)
@@ -187,7 +183,7 @@ def write_our_checkpoint(values: dict, output: str) -> str:
 
 def read_our_checkpoint(path: str) -> dict:
   """{our key 'component/a.b.c': value} of a checkpoint in our layout (model variables only)."""
-  reader, variables = initial_checkpoint.checkpoint_variables(path)
+  reader, variables = layout.checkpoint_variables(path)
   return {tracked: reader.get_tensor(key) for tracked, key in variables.items()}
 
 
@@ -199,9 +195,9 @@ def write_deeplab2_checkpoint(values: dict, output: str) -> str:
   """
   root = {}
   for key, value in values.items():
-    if not key.endswith(checkpoint_map.CHECKPOINT_SUFFIX):
-      raise ValueError(f'"{key}" is not a variable key (no {checkpoint_map.CHECKPOINT_SUFFIX})')
-    parts = key[:-len(checkpoint_map.CHECKPOINT_SUFFIX)].split('/')
+    if not key.endswith(deeplab2_key_map.CHECKPOINT_SUFFIX):
+      raise ValueError(f'"{key}" is not a variable key (no {deeplab2_key_map.CHECKPOINT_SUFFIX})')
+    parts = key[:-len(deeplab2_key_map.CHECKPOINT_SUFFIX)].split('/')
     node = root
     for part in parts[:-1]:
       node = node.setdefault(part, {})
@@ -214,12 +210,12 @@ def to_deeplab2(model, values: Optional[dict] = None) -> dict:
   {our key: value} dict for this model's architecture)."""
   convnext = is_convnext(model)
   our_keys = our_variable_keys(model)
-  variables = checkpoint_map.model_variable_paths(model)
+  variables = deeplab2_key_map.model_variable_paths(model)
   result = {}
   for path, variable in variables.items():
     value = variable.numpy() if values is None else values[our_keys[path]]
-    key = checkpoint_map.ours_to_upstream(path, convnext_encoder=convnext)
-    result[key] = checkpoint_map.to_deeplab2_layout(path, value, convnext_encoder=convnext)
+    key = deeplab2_key_map.ours_to_upstream(path, convnext_encoder=convnext)
+    result[key] = deeplab2_key_map.to_deeplab2_layout(path, value, convnext_encoder=convnext)
   return result
 
 
@@ -227,7 +223,7 @@ def assign(model, values: dict) -> int:
   """Assigns {our key: value} to the model's variables; returns how many were assigned."""
   our_keys = our_variable_keys(model)
   count = 0
-  for path, variable in checkpoint_map.model_variable_paths(model).items():
+  for path, variable in deeplab2_key_map.model_variable_paths(model).items():
     key = our_keys[path]
     if key in values:
       variable.assign(values[key])
@@ -241,5 +237,5 @@ def is_deeplab2_layout(keys: Iterable[str]) -> bool:
   Ours are `<component>/<path with dots>/.ATTRIBUTES/VARIABLE_VALUE` (plus the step and
   optimizer items), two components at most; DeepLab2's nest deeper for almost every variable.
   """
-  suffix = checkpoint_map.CHECKPOINT_SUFFIX
+  suffix = deeplab2_key_map.CHECKPOINT_SUFFIX
   return any(key.endswith(suffix) and key[:-len(suffix)].count('/') >= 2 for key in keys)
