@@ -164,7 +164,7 @@ def main(argv):
   env = {**os.environ, 'PYTHONPATH': os.path.abspath(REPO), 'TF_CPP_MIN_LOG_LEVEL': '3'}
   if not (os.path.isdir(f.data_dir)
           and any(n.startswith('val-') for n in os.listdir(f.data_dir))):
-    subprocess.run([sys.executable, '-m', 'deeplab2_kmax.data.build_synthetic_data',
+    subprocess.run([sys.executable, '-m', 'deeplab2_kmax.data.build.synthetic',
                     f'--output_dir={f.data_dir}', '--num_workers=1'], check=True, env=env,
                    cwd=REPO, stdout=subprocess.DEVNULL)
   common_args = [f'--data_dir={f.data_dir}', f'--model_root={f.model_root}',

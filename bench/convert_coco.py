@@ -3,9 +3,9 @@
     python bench/convert_coco.py [--num_images=200] [--num_workers=2] [--data_dir=DIR] \
         [--repeat=1]
 
-Makes synthetic COCO panoptic data once (build_synthetic_data's val split at 480x640: JSON,
+Makes synthetic COCO panoptic data once (data/build/synthetic.py's val split at 480x640: JSON,
 RGB-id PNGs; images re-encoded as JPEG like COCO's), then times
-build_coco_format_data (read JSON, decode PNG + JPEG, check, map to train ids, serialize,
+data/build/coco_format.py (read JSON, decode PNG + JPEG, check, map to train ids, serialize,
 write shards) and prints one JSON line.
 """
 
@@ -33,7 +33,8 @@ _HEIGHT, _WIDTH = 480, 640
 
 def make_source(data_dir: str, count: int) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import build_synthetic_data  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.data.build import synthetic as build_synthetic_data
   if os.path.exists(os.path.join(data_dir, 'panoptic_coco.json')):
     return
   build_synthetic_data.build(data_dir, 0, count, _HEIGHT, _WIDTH, seed=0, show_progress=False)
@@ -79,7 +80,8 @@ def repeated_json(data_dir: str, repeat: int) -> str:
 def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import build_coco_format_data  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.data.build import coco_format as build_coco_format_data
 
   data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix='bench_convert_')
   make_source(data_dir, _NUM_IMAGES.value)

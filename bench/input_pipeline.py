@@ -42,8 +42,9 @@ def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import build_synthetic_data  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.data.build import synthetic as build_synthetic_data
+  from deeplab2_kmax.data.input import pipeline  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.protos import dataset_pb2  # pylint: disable=g-import-not-at-top
 
   data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix='bench_input_')

@@ -44,7 +44,7 @@ def synthetic_batch(descriptor, crop, batch, max_thing_id):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import sample_generator  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.input import sample_generator  # pylint: disable=g-import-not-at-top
   classes = list(descriptor.thing_class_ids[:8]) + list(descriptor.stuff_class_ids[:8])
   things = set(descriptor.thing_class_ids)
   label = np.zeros([crop, crop], np.int32)

@@ -15,14 +15,14 @@ KEY_IMAGE_CHANNELS = 'image/channels'
 KEY_ENCODED_LABEL = 'image/segmentation/class/encoded'
 KEY_LABEL_FORMAT = 'image/segmentation/class/format'
 
-# ---- Decoded example keys (output of data/tfrecord.py) ----
+# ---- Decoded example keys (output of data/formats/tfrecord.py) ----
 IMAGE = 'image'
 LABEL = 'label'
 IMAGE_NAME = 'image_name'
 HEIGHT = 'height'
 WIDTH = 'width'
 
-# ---- Training / eval sample keys (output of data/sample_generator.py) ----
+# ---- Training / eval sample keys (output of data/input/sample_generator.py) ----
 GT_PANOPTIC = 'panoptic_gt'
 GT_SEMANTIC = 'semantic_gt'
 GT_IS_CROWD = 'is_crowd_gt'

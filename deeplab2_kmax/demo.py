@@ -41,7 +41,8 @@ def _available(module: str) -> bool:
 
 
 def stage_data(data_dir: str) -> None:
-  from deeplab2_kmax.data import build_synthetic_data  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.data.build import synthetic as build_synthetic_data
   if os.path.exists(os.path.join(data_dir, 'dataset_info.json')):
     _say('data', f'reusing synthetic data in {data_dir}')
     return
@@ -63,8 +64,8 @@ def stage_config():
 def stage_input(config, workdir: str):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import visualization  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import png_encoding  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.input import pipeline  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import png_encoding  # pylint: disable=g-import-not-at-top
   train = pipeline.InputPipeline(config.train_dataset_options, is_training=True)
   iterator = train.iterate()
   batch = next(iterator)
@@ -117,7 +118,7 @@ def main(argv):
                                    os.path.join(workdir, 'data'))
   os.makedirs(workdir, exist_ok=True)
   from deeplab2_kmax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.input import pipeline  # pylint: disable=g-import-not-at-top
   try:
     stage_data(data_dir)
     config = stage_config()

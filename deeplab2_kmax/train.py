@@ -63,7 +63,7 @@ def main(argv):
   from deeplab2_kmax.checkpoint import initial_checkpoint
   from deeplab2_kmax.checkpoint import layout as checkpoint_layout
   from deeplab2_kmax.checkpoint import paths as checkpoint_paths
-  from deeplab2_kmax.data import pipeline
+  from deeplab2_kmax.data.input import pipeline
   from deeplab2_kmax.trainer import controller
   from deeplab2_kmax.trainer import runner
   from deeplab2_kmax.trainer import strategy as strategy_lib

@@ -16,7 +16,7 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope='session')
 def synthetic_data_dir(tmp_path_factory):
   """A small synthetic dataset (24 train, 8 val images at 65x65), built once per session."""
-  from deeplab2_kmax.data import build_synthetic_data
+  from deeplab2_kmax.data.build import synthetic as build_synthetic_data
   out = tmp_path_factory.mktemp('synthetic')
   build_synthetic_data.build(str(out), num_train=24, num_val=8, height=65, width=65, seed=3,
                              examples_per_shard=12, num_workers=1, show_progress=False)

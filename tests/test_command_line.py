@@ -18,11 +18,11 @@ from tests.conftest import REPO_ROOT
 ABSL_TOOLS = {
     'deeplab2_kmax.train': True, 'deeplab2_kmax.export': True, 'deeplab2_kmax.predict': True,
     'deeplab2_kmax.config': True, 'deeplab2_kmax.model.summary': True,
-    'deeplab2_kmax.demo': False, 'deeplab2_kmax.data.validate': False,
-    'deeplab2_kmax.data.build_synthetic_data': False, 'deeplab2_kmax.data.build_coco_data': False,
-    'deeplab2_kmax.data.build_cityscapes_data': False,
-    'deeplab2_kmax.data.build_ade20k_data': False,
-    'deeplab2_kmax.data.build_coco_format_data': False,
+    'deeplab2_kmax.demo': False, 'deeplab2_kmax.data.build.validate': False,
+    'deeplab2_kmax.data.build.synthetic': False, 'deeplab2_kmax.data.build.coco': False,
+    'deeplab2_kmax.data.build.cityscapes': False,
+    'deeplab2_kmax.data.build.ade20k': False,
+    'deeplab2_kmax.data.build.coco_format': False,
     'deeplab2_kmax.evaluation.coco_panoptic': False,
     'deeplab2_kmax.evaluation.cityscapes_panoptic': False,
 }

@@ -323,7 +323,7 @@ ADE20K_CATEGORIES = (
     (149, 'flag', True, (92, 0, 255)),
 )
 
-# The synthetic dataset of data/build_synthetic_data.py: three thing shapes on three stuff
+# The synthetic dataset of data/build/synthetic.py: three thing shapes on three stuff
 # textures. Its category ids equal its train ids.
 SYNTHETIC_CATEGORIES = (
     (0, 'void', False, (0, 0, 0)),

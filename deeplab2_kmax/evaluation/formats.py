@@ -26,10 +26,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from deeplab2_kmax.data.formats import panoptic_rgb
+
 # Segment id of unlabelled pixels in COCO-format PNGs (panopticapi's VOID).
 VOID = 0
-# Largest segment id an RGB PNG can hold.
-MAX_RGB_ID = 256 ** 3 - 1
 # Cityscapes panoptic ids: stuff segments use the label id, things label_id * 1000 + instance
 # (cityscapesScripts' createPanopticImgs.py layout).
 CITYSCAPES_INSTANCE_DIVISOR = 1000
@@ -39,36 +39,7 @@ class PanopticFormatError(ValueError):
   """Panoptic input that the official scripts would reject; the message names file and segment."""
 
 
-# ---- PNG and id <-> RGB ----
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """COCO segment ids of an RGB panoptic image.
-
-  Args:
-    rgb: `[height, width, 3]` integer array.
-
-  Returns:
-    `[height, width]` int64 array, `R + 256 * G + 256**2 * B`.
-  """
-  rgb = np.asarray(rgb)
-  if rgb.ndim != 3 or rgb.shape[2] < 3:
-    raise ValueError(f'expected an RGB image [height, width, 3], got shape {rgb.shape}')
-  rgb = rgb[..., :3].astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """Inverse of rgb_to_id: `[height, width]` ids in [0, 256**3) -> `[height, width, 3]` uint8."""
-  ids = np.asarray(ids).astype(np.int64)
-  if ids.size and (ids.min() < 0 or ids.max() > MAX_RGB_ID):
-    raise ValueError(f'segment ids must lie in [0, {MAX_RGB_ID}] to fit an RGB PNG; '
-                     f'got [{ids.min()}, {ids.max()}]')
-  rgb = np.empty(ids.shape + (3,), np.uint8)
-  rgb[..., 0] = ids % 256
-  rgb[..., 1] = ids // 256 % 256
-  rgb[..., 2] = ids // (256 * 256)
-  return rgb
+# ---- PNG (segment ids <-> RGB: data/formats/panoptic_rgb.py) ----
 
 
 def read_png(path: str) -> np.ndarray:
@@ -104,7 +75,7 @@ def read_panoptic_png(path: str) -> np.ndarray:
   if image.shape[2] < 3:
     raise PanopticFormatError(f'panoptic PNG "{path}" has {image.shape[2]} channel(s); COCO '
                               'panoptic PNGs are RGB with id = R + 256*G + 256^2*B')
-  return rgb_to_id(image)
+  return panoptic_rgb.rgb_to_id(image)
 
 
 # ---- Panoptic label maps <-> segments ----
@@ -120,6 +91,10 @@ def _bbox(mask: np.ndarray) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class LabelSpace:
   """How a panoptic label map encodes classes (the parts of a DatasetDescriptor used here).
+
+  The output direction: train id -> the dataset's category id. The converters'
+  data/formats/coco_panoptic.LabelSpec is the input direction (category id -> train id, chosen
+  per conversion, with a crowd policy), which is why the two are separate.
 
   Attributes:
     label_divisor: panoptic = train_id * label_divisor + instance.
@@ -263,7 +238,7 @@ def write_coco_panoptic(panoptic: np.ndarray,
   """
   ids, segments = segments_from_panoptic_label(
       panoptic, LabelSpace.from_descriptor(descriptor), is_crowd=is_crowd, image_name=file_name)
-  write_png(os.path.join(png_folder, file_name), id_to_rgb(ids))
+  write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
   return {'image_id': image_id, 'file_name': file_name, 'segments_info': segments}
 
 
@@ -377,7 +352,7 @@ def write_cityscapes_panoptic(panoptic: np.ndarray, descriptor, image_id: str,
   """
   file_name = file_name or f'{image_id}_panoptic.png'
   ids = cityscapes_ids_from_panoptic_label(panoptic, descriptor, is_crowd, image_name=file_name)
-  write_png(os.path.join(png_folder, file_name), id_to_rgb(ids))
+  write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
   thing_label_ids = {int(c) for c, is_thing in zip(descriptor.category_ids,
                                                    descriptor.class_has_instances) if is_thing}
   segments = []

@@ -57,8 +57,8 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import precision as precision_lib
 from deeplab2_kmax.data import datasets
-from deeplab2_kmax.data import preprocessing
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.input import preprocessing
+from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib
 
@@ -103,7 +103,7 @@ class PreprocessOptions:
   def preprocess(self, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """uint8/float [height, width, 3] -> (float32 [crop_h, crop_w, 3], resized_size int32 [2]).
 
-    Exactly the eval pipeline's preprocessing (data/pipeline.py `_eval_example`).
+    Exactly the eval pipeline's preprocessing (data/input/pipeline.py `_eval_example`).
     """
     image, _, resized_size = preprocessing.preprocess_for_eval(
         tf.cast(image, tf.float32), None, self.crop_size, self.min_resize_value,

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.export import serving_module as serving_lib
 
 # TF Serving's names: the folder of a version's extra files, and the warm-up file in it.

@@ -29,7 +29,7 @@ from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.config import run_record
 from deeplab2_kmax.data import datasets
-from deeplab2_kmax.data import pipeline as pipeline_lib
+from deeplab2_kmax.data.input import pipeline as pipeline_lib
 from deeplab2_kmax.model import builder as model_builder
 from deeplab2_kmax.model.loss import builder as loss_builder
 from deeplab2_kmax.model.post_processing import post_processor as post_processor_lib

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.data import png_encoding
+from deeplab2_kmax.data.formats import png_encoding
 
 
 def draw_scene(rng, height, width, stuff_ids, thing_ids, num_things=3, crowd_id=None,
@@ -111,7 +111,7 @@ def expected_panoptic(ids, segments, train_id_of, thing_train_ids, ignore, divis
 def read_back(pattern, dataset_options_text, crop):
   """{image_name: panoptic_raw} read through the evaluation input pipeline."""
   from google.protobuf import text_format
-  from deeplab2_kmax.data import pipeline
+  from deeplab2_kmax.data.input import pipeline
   from deeplab2_kmax.protos import dataset_pb2
   options = text_format.Parse(dataset_options_text, dataset_pb2.DatasetOptions())
   options.file_pattern.append(pattern)

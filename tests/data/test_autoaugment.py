@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import autoaugment
+from deeplab2_kmax.data.input import autoaugment
 
 # ---- Independent numpy references (uint8 [height, width, 3] in and out) ----
 

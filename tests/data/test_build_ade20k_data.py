@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 
-from deeplab2_kmax.data import build_ade20k_data
+from deeplab2_kmax.data.build import ade20k as build_ade20k_data
 from deeplab2_kmax.data import class_tables
-from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data.formats import coco_panoptic
 from tests.data import panoptic_fixtures as fx
 
 WALL, SKY, PERSON, CAR = 0, 2, 12, 20   # ADE20K-150 category ids (0-based)
@@ -64,13 +64,13 @@ def test_unknown_category_is_named(tmp_path):
   json_path = root / 'ade20k_panoptic_val.json'
   text = json_path.read_text().replace('"category_id": 2,', '"category_id": 150,', 1)
   json_path.write_text(text)
-  with pytest.raises(coco_format.ConversionError, match='category 150 is not a known class'):
+  with pytest.raises(coco_panoptic.ConversionError, match='category 150 is not a known class'):
     build_ade20k_data.build(str(root), str(tmp_path / 'out'), splits=['val'],
                             show_progress=False)
 
 
 def test_validator_recognises_the_layout(tmp_path):
-  from deeplab2_kmax.data import validate
+  from deeplab2_kmax.data.build import validate
   root = tmp_path / 'ADEChallengeData2016'
   truth = make_ade20k(root)
   report = validate.validate(str(root))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import build_cityscapes_data
-from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data.build import cityscapes as build_cityscapes_data
+from deeplab2_kmax.data.formats import coco_panoptic
 from tests.data import panoptic_fixtures as fx
 
 create_panoptic = pytest.importorskip(
@@ -116,12 +116,12 @@ def test_crowd_as_class(cityscapes_root, tmp_path):
 def test_missing_panoptic_json_says_how_to_create_it(tmp_path):
   fx.write_png(f'{tmp_path}/leftImg8bit/val/ulm/ulm_000000_000019_leftImg8bit.png',
                np.zeros((8, 8, 3), np.uint8))
-  with pytest.raises(coco_format.ConversionError, match='createPanopticImgs'):
+  with pytest.raises(coco_panoptic.ConversionError, match='createPanopticImgs'):
     build_cityscapes_data.build(str(tmp_path), str(tmp_path / 'out'), show_progress=False)
 
 
 def test_validator_recognises_the_source_layout_and_finds_no_defect(cityscapes_root):
-  from deeplab2_kmax.data import validate
+  from deeplab2_kmax.data.build import validate
   root, truth = cityscapes_root
   report = validate.validate(str(root))
   assert report.title.startswith('Cityscapes source dataset')

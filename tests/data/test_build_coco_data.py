@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import build_coco_data
+from deeplab2_kmax.data.build import coco as build_coco_data
 from deeplab2_kmax.data import class_tables
-from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data import datasets
-from deeplab2_kmax.data import shard_writer
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.build import shard_writer
+from deeplab2_kmax.data.formats import tfrecord
 from tests.conftest import REPO_ROOT
 from tests.conftest import shared_dir
 from tests.data import panoptic_fixtures as fx
@@ -144,7 +144,7 @@ def test_category_ids_map_back_to_coco_ids(converted):
 
 @needs_sample
 def test_validator_passes_the_real_sample_and_the_converted_records(coco_root, converted):
-  from deeplab2_kmax.data import validate
+  from deeplab2_kmax.data.build import validate
   root, _ = coco_root
   source = validate.validate(str(root))
   assert source.title.startswith('COCO source dataset') and source.ok, source.format()
@@ -205,7 +205,7 @@ def test_resume_skips_complete_shards_and_failure_leaves_no_partial_shard(tmp_pa
   png_bytes = broken.read_bytes()
   broken.write_bytes(b'not a png')
   fresh = tmp_path / 'fresh'
-  with pytest.raises(coco_format.ConversionError, match=f'{broken.name}: not a PNG file'):
+  with pytest.raises(coco_panoptic.ConversionError, match=f'{broken.name}: not a PNG file'):
     build_coco_data.build(str(root), str(fresh), num_shards=4, show_progress=False)
   assert sorted(p for p in os.listdir(fresh) if 'tfrecord' in p) == shards[:2]
   # Once the PNG is fixed, the same command completes the conversion: shards 0-1 are kept.
@@ -253,7 +253,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
   del data['annotations'][0]['segments_info'][1]['category_id']
   json_path.write_text(json.dumps(data))
   proc = subprocess.run(
-      [sys.executable, '-m', 'deeplab2_kmax.data.build_coco_data', f'--coco_root={root}',
+      [sys.executable, '-m', 'deeplab2_kmax.data.build.coco', f'--coco_root={root}',
        f'--output_dir={tmp_path / "out"}', '--num_workers=1'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1

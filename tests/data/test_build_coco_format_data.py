@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import text_format
 
 from deeplab2_kmax.config import validation
-from deeplab2_kmax.data import build_coco_format_data
-from deeplab2_kmax.data import coco_format
+from deeplab2_kmax.data.build import coco_format as build_coco_format_data
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.protos import config_pb2
 from deeplab2_kmax.protos import dataset_pb2
@@ -101,7 +101,7 @@ def test_other_categories_for_the_same_config_are_refused(converted, tmp_path):
   data = json.loads((root / 'val_panoptic.json').read_text())
   data['categories'][0]['name'] = 'box'
   (tmp_path / 'other.json').write_text(json.dumps(data))
-  with pytest.raises(coco_format.ConversionError, match='describes other classes'):
+  with pytest.raises(coco_panoptic.ConversionError, match='describes other classes'):
     build_coco_format_data.build(str(root / 'images'), str(tmp_path / 'other.json'), str(out),
                                  panoptic_png_dir=str(root / 'val_panoptic'), split='test',
                                  show_progress=False)
@@ -111,12 +111,12 @@ def test_missing_isthing_and_too_many_instances_are_explained(tmp_path):
   make_custom(tmp_path, 'train', 1, seed=3, label_divisor_things=6)
   path = tmp_path / 'train_panoptic.json'
   data = json.loads(path.read_text())
-  with pytest.raises(coco_format.ConversionError, match='instance_overflow|label divisor'):
+  with pytest.raises(coco_panoptic.ConversionError, match='instance_overflow|label divisor'):
     build_coco_format_data.build(str(tmp_path / 'images'), str(path), str(tmp_path / 'a'),
                                  label_divisor=2, show_progress=False)
   del data['categories'][1]['isthing']
   path.write_text(json.dumps(data))
-  with pytest.raises(coco_format.ConversionError, match='has no "isthing" field'):
+  with pytest.raises(coco_panoptic.ConversionError, match='has no "isthing" field'):
     build_coco_format_data.build(str(tmp_path / 'images'), str(path), str(tmp_path / 'b'),
                                  show_progress=False)
 
@@ -131,7 +131,7 @@ def test_instance_segmentation_json_is_recognised(tmp_path):
       'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'iscrowd': 0, 'area': 12.5,
                        'bbox': [1, 1, 5, 5], 'segmentation': [[1, 1, 6, 1, 6, 6]]}],
       'categories': [{'id': 1, 'name': 'thing', 'supercategory': 'x'}]})
-  with pytest.raises(coco_format.ConversionError,
+  with pytest.raises(coco_panoptic.ConversionError,
                      match='instance-segmentation .* not the panoptic format'):
     build_coco_format_data.build(str(tmp_path / 'images'), str(tmp_path / 'instances.json'),
                                  str(tmp_path / 'out'),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import copy_paste
+from deeplab2_kmax.data.input import copy_paste
 
 DIVISOR = 1000
 IGNORE = 255

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 
-from deeplab2_kmax.data import pipeline
-from deeplab2_kmax.data import png_encoding
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.input import pipeline
+from deeplab2_kmax.data.formats import png_encoding
+from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.protos import dataset_pb2
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import preprocessing
+from deeplab2_kmax.data.input import preprocessing
 
 
 def reference_size(height, width, min_size, max_size, factor):

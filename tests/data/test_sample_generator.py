@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab2_kmax.data import sample_generator
-from deeplab2_kmax.data import synthetic_scenes
+from deeplab2_kmax.data.input import sample_generator
+from deeplab2_kmax.data.synthetic import scenes as synthetic_scenes
 
 DIVISOR = 256
 THINGS = (1, 2, 3)

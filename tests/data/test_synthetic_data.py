@@ -6,10 +6,10 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.data import build_synthetic_data
+from deeplab2_kmax.data.build import synthetic as build_synthetic_data
 from deeplab2_kmax.data import class_tables
-from deeplab2_kmax.data import synthetic_scenes
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.synthetic import scenes as synthetic_scenes
+from deeplab2_kmax.data.formats import tfrecord
 
 
 def test_scene_is_a_function_of_its_seed():

@@ -3,8 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.data import png_encoding
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.formats import png_encoding
+from deeplab2_kmax.data.formats import tfrecord
 
 
 def deeplab2_style_record(image_bytes, label, image_format='png', name='frame_0001'):

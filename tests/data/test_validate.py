@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from deeplab2_kmax.data import build_coco_format_data
-from deeplab2_kmax.data import coco_format as cf
-from deeplab2_kmax.data import png_encoding
-from deeplab2_kmax.data import tfrecord
-from deeplab2_kmax.data import validate
+from deeplab2_kmax.data.build import coco_format as build_coco_format_data
+from deeplab2_kmax.data.formats import coco_panoptic as cf
+from deeplab2_kmax.data.formats import png_encoding
+from deeplab2_kmax.data.formats import tfrecord
+from deeplab2_kmax.data.build import validate
 from tests.conftest import REPO_ROOT
 from tests.data import panoptic_fixtures as fx
 
@@ -167,7 +167,7 @@ def test_each_converted_defect_is_flagged(tmp_path):
 def test_cli_prints_the_report_and_fails(tmp_path):
   make_defective_dataset(tmp_path)
   proc = subprocess.run(
-      [sys.executable, '-m', 'deeplab2_kmax.data.validate',
+      [sys.executable, '-m', 'deeplab2_kmax.data.build.validate',
        f'--dataset={tmp_path / "panoptic.json"}', f'--images={tmp_path / "images"}',
        f'--panoptic_png_dir={tmp_path / "panoptic"}', f'--label_divisor={DIVISOR}'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

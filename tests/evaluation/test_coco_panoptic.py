@@ -12,6 +12,7 @@ from absl import flags
 
 import evaluation_testing
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import panoptic_rgb
 from deeplab2_kmax.evaluation import coco_panoptic
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import panoptic_quality as pq_lib
@@ -43,7 +44,7 @@ def _write_mmdetection_case(tmp_path):
   for segment_id, (x, y, w, h) in enumerate([(10, 10, 10, 40), (30, 10, 10, 40),
                                              (50, 10, 10, 5)], start=1):
     gt_ids[y:y + h, x:x + w] = segment_id
-  formats.write_png(str(tmp_path / 'gt' / 'fake_name1.png'), formats.id_to_rgb(gt_ids))
+  formats.write_png(str(tmp_path / 'gt' / 'fake_name1.png'), panoptic_rgb.id_to_rgb(gt_ids))
   categories = [{'id': 0, 'name': 'person', 'isthing': 1}, {'id': 1, 'name': 'cat', 'isthing': 1},
                 {'id': 2, 'name': 'dog', 'isthing': 1}, {'id': 3, 'name': 'wall', 'isthing': 0}]
   segments = [{'id': 1, 'category_id': 0, 'area': 400, 'iscrowd': 0},
@@ -174,7 +175,7 @@ def test_malformed_predictions_give_one_readable_error(tmp_path, capsys, mutate,
 def test_size_mismatch_is_reported(tmp_path, capsys):
   paths = _write_mmdetection_case(tmp_path)
   formats.write_png(str(paths['pred_folder'] / 'fake_name1.png'),
-                    formats.id_to_rgb(np.ones((30, 80), np.int64)))
+                    panoptic_rgb.id_to_rgb(np.ones((30, 80), np.int64)))
   assert _run_main(**paths, num_workers=1) == 1
   assert 'prediction is (30, 80) (height, width) but the ground truth is (60, 80)' in (
       capsys.readouterr().err)

@@ -8,6 +8,7 @@ import pytest
 
 import evaluation_testing
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import panoptic_rgb
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import panoptic_quality as pq_lib
 
@@ -17,15 +18,15 @@ CITYSCAPES = datasets.get_built_in(datasets.CITYSCAPES_PANOPTIC)
 
 def test_id_rgb_round_trip_and_layout(tmp_path):
   ids = np.array([[0, 1, 255, 256], [65535, 65536, 256 ** 3 - 1, 4260062]])
-  rgb = formats.id_to_rgb(ids)
+  rgb = panoptic_rgb.id_to_rgb(ids)
   # id = R + 256 G + 256^2 B: 4260062 = 222 + 256 * 0 + 65536 * 65.
   assert rgb[1, 3].tolist() == [222, 0, 65]
   assert rgb[0, 3].tolist() == [0, 1, 0]
-  np.testing.assert_array_equal(formats.rgb_to_id(rgb), ids)
+  np.testing.assert_array_equal(panoptic_rgb.rgb_to_id(rgb), ids)
   formats.write_png(str(tmp_path / 'ids.png'), rgb)
   np.testing.assert_array_equal(formats.read_panoptic_png(str(tmp_path / 'ids.png')), ids)
   with pytest.raises(ValueError, match='must lie in'):
-    formats.id_to_rgb(np.array([[256 ** 3]]))
+    panoptic_rgb.id_to_rgb(np.array([[256 ** 3]]))
 
 
 def test_real_coco_png_decodes_to_json_ids(coco_sample_dir):

@@ -92,7 +92,7 @@ def in_framework(module, images) -> dict:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.input import preprocessing  # pylint: disable=g-import-not-at-top
   options = module.preprocess_options
   crops, resized = [], []
   for image in images:
@@ -149,7 +149,8 @@ def exported(tmp_path_factory):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import export  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.checkpoint import layout as checkpoint_layout  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout
   root = tmp_path_factory.mktemp('export')
   config = tiny_export_config(root / 'data')
   keras.utils.set_random_seed(11)

@@ -79,7 +79,7 @@ def converted_export(request, tmp_path_factory):
   deeplab2_checkpoint = deeplab2_conversion.write_deeplab2_checkpoint(deeplab2_conversion.to_deeplab2(model),
                                                           str(root / 'deeplab2' / 'ckpt'))
   # What `python -m deeplab2_kmax.model_zoo convert --from=... --output=...` runs (its command
-  # line is tested in tests/model/test_checkpoint/deeplab2_conversion.py), in process: a subprocess would
+  # line is tested in tests/model/test_deeplab2_conversion.py), in process: a subprocess would
   # build the model again.
   report = deeplab2_conversion.from_deeplab2(tf.train.load_checkpoint(deeplab2_checkpoint), model,
                                  source=deeplab2_checkpoint)

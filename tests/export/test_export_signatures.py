@@ -13,7 +13,7 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax.checkpoint import model_restore
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.formats import tfrecord
 from tests.export.conftest import in_framework
 from tests.export.conftest import numpy_segments
 from tests.export.conftest import sample_images
@@ -183,7 +183,8 @@ def test_wrong_dtype_or_rank_is_refused_by_the_signature(exported, value):
 
 
 def test_restore_from_a_folder_without_checkpoint_names_the_fix(exported, tmp_path):
-  from deeplab2_kmax.checkpoint import layout as checkpoint_layout  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.checkpoint import layout as checkpoint_layout
   with pytest.raises(checkpoint_layout.CheckpointMismatchError, match='no checkpoint in'):
     model_restore.restore_model(exported.module.model, str(tmp_path))
 

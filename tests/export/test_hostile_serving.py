@@ -19,7 +19,7 @@ from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax import predict
 from deeplab2_kmax.checkpoint import paths as checkpoint_paths
-from deeplab2_kmax.data import preprocessing
+from deeplab2_kmax.data.input import preprocessing
 from deeplab2_kmax.export import cli as export_cli
 from deeplab2_kmax.export import runtimes as runtimes_lib
 from tests.conftest import REPO_ROOT
@@ -325,7 +325,8 @@ def test_hostile_zoo_name_or_converted_folder_as_checkpoint_path(exported, tmp_p
   # What `python -m deeplab2_kmax.model_zoo download` leaves in the cache: DeepLab2's layout.
   model = exported.module.model
   cached = deeplab2_conversion.write_deeplab2_checkpoint(
-      deeplab2_conversion.to_deeplab2(model), str(tmp_path / 'cache' / 'checkpoints' / ZOO_NAME / 'ckpt'))
+      deeplab2_conversion.to_deeplab2(model),
+      str(tmp_path / 'cache' / 'checkpoints' / ZOO_NAME / 'ckpt'))
   assert checkpoint_paths.resolve_checkpoint(ZOO_NAME) == cached
 
   predictor = predict.Predictor.from_checkpoint(exported.config, ZOO_NAME)
@@ -338,7 +339,8 @@ def test_hostile_zoo_name_or_converted_folder_as_checkpoint_path(exported, tmp_p
 
   report = deeplab2_conversion.from_deeplab2(tf.train.load_checkpoint(cached), model, source=cached)
   report.check()
-  ours = deeplab2_conversion.write_our_checkpoint(report.values, str(tmp_path / 'converted' / 'ckpt'))
+  ours = deeplab2_conversion.write_our_checkpoint(report.values,
+                                                  str(tmp_path / 'converted' / 'ckpt'))
   assert checkpoint_paths.resolve_checkpoint(str(tmp_path / 'converted')) == ours
 
   with pytest.raises(checkpoint_paths.CheckpointPathError,

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab2_kmax import export
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.formats import tfrecord
 from tests.export.conftest import sample_images
 
 

@@ -6,7 +6,7 @@ post-processing + PQ for any mask-transformer meta-architecture.
 
 The experiment options give the model (any meta-architecture `build_model` accepts), the loss
 options and the evaluator options (post-processing). The scene comes from
-data/synthetic_scenes.py at the train crop size; no augmentation, no drop path is the caller's
+data/synthetic/scenes.py at the train crop size; no augmentation, no drop path is the caller's
 choice (set the keep probabilities to 1 in the options). The model is trained with Adam on the
 same single example for `steps` steps, then run in inference mode and post-processed; PQ is
 the official-rules PQ of evaluation/panoptic_quality.py against the scene's ground truth.
@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab2_kmax import common
-from deeplab2_kmax.data import sample_generator
-from deeplab2_kmax.data import synthetic_scenes
+from deeplab2_kmax.data.input import sample_generator
+from deeplab2_kmax.data.synthetic import scenes as synthetic_scenes
 from deeplab2_kmax.evaluation import panoptic_quality
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model.loss import builder as loss_builder

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab2_kmax import common
-from deeplab2_kmax.data import sample_generator
+from deeplab2_kmax.data.input import sample_generator
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model.loss import builder as loss_builder
 from deeplab2_kmax.model.transformer_decoder import cmt

@@ -1,6 +1,6 @@
 """Converts ADE20K panoptic to DeepLab2-format TFRecords.
 
-    python -m deeplab2_kmax.data.build_ade20k_data --ade20k_root=R --output_dir=O \
+    python -m deeplab2_kmax.data.build.ade20k --ade20k_root=R --output_dir=O \
         [--splits=train,val]
 
 Reads the layout that the ADE20K panoptic preparation (Mask2Former's
@@ -21,8 +21,8 @@ import os
 from absl import flags
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import coco_format
-from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.build import conversion
 from deeplab2_kmax.data import datasets
 
 NUM_SHARDS = 1000
@@ -34,17 +34,17 @@ def split_jobs(root: str, split: str):
   json_path = os.path.join(root, f'ade20k_panoptic_{split}.json')
   if not os.path.exists(json_path):
     return [], []
-  parsed = coco_format.read_panoptic_json(
+  parsed = coco_panoptic.read_panoptic_json(
       json_path, os.path.join(root, f'ade20k_panoptic_{split}'),
       os.path.join(root, 'images', _IMAGE_FOLDERS[split]))
   return parsed.jobs, parsed.defects
 
 
-def label_spec(treat_crowd_as_ignore: bool = True) -> coco_format.LabelSpec:
+def label_spec(treat_crowd_as_ignore: bool = True) -> coco_panoptic.LabelSpec:
   descriptor = datasets.get_built_in(datasets.ADE20K_PANOPTIC)
   # category_ids = (255, 0, 1, ..., 149): train id = index; 255 ("other objects") is void.
   mapping = {cid: train for train, cid in enumerate(descriptor.category_ids)}
-  return coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore, mapping)
+  return coco_panoptic.spec_from_descriptor(descriptor, treat_crowd_as_ignore, mapping)
 
 
 def build(ade20k_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore: bool = True,

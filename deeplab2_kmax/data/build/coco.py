@@ -1,6 +1,6 @@
 """Converts COCO panoptic to DeepLab2-format TFRecords.
 
-    python -m deeplab2_kmax.data.build_coco_data --coco_root=R --output_dir=O \
+    python -m deeplab2_kmax.data.build.coco --coco_root=R --output_dir=O \
         [--treat_crowd_as_ignore] [--splits=train,val,test] [--num_workers=0]
 
 Reads the official layout:
@@ -20,8 +20,8 @@ import os
 from absl import flags
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import coco_format
-from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.build import conversion
 from deeplab2_kmax.data import datasets
 
 NUM_SHARDS = 1000
@@ -34,12 +34,12 @@ def split_jobs(coco_root: str, split: str):
   if split == 'test':
     if not os.path.isdir(images_dir):
       return [], []
-    return [coco_format.ExampleJob(os.path.splitext(os.path.basename(p))[0], p)
-            for p in coco_format.list_images(images_dir)], []
+    return [coco_panoptic.ExampleJob(os.path.splitext(os.path.basename(p))[0], p)
+            for p in coco_panoptic.list_images(images_dir)], []
   json_path = os.path.join(coco_root, 'annotations', f'panoptic_{split}2017.json')
   if not os.path.exists(json_path):
     return [], []
-  parsed = coco_format.read_panoptic_json(
+  parsed = coco_panoptic.read_panoptic_json(
       json_path, os.path.join(coco_root, 'annotations', f'panoptic_{split}2017'), images_dir)
   return parsed.jobs, parsed.defects
 
@@ -49,9 +49,9 @@ def build(coco_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore:
           show_progress: bool = True) -> list:
   """Converts the splits present under coco_root; returns a WriteResult per split."""
   if not os.path.isdir(coco_root):
-    raise coco_format.ConversionError(f'--coco_root={coco_root} is not a folder')
+    raise coco_panoptic.ConversionError(f'--coco_root={coco_root} is not a folder')
   descriptor = datasets.get_built_in(datasets.COCO_PANOPTIC)
-  spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
+  spec = coco_panoptic.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
   return conversion.convert_built_in_splits(
       coco_root, output_dir, splits, split_jobs, spec, datasets.COCO_PANOPTIC,
       NUM_SHARDS, num_shards, num_workers, overwrite, show_progress,

@@ -32,6 +32,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from deeplab2_kmax.data.formats import panoptic_rgb
+
 # ---- Defect kinds ----
 MISSING_FILE = 'missing_file'
 UNREADABLE_FILE = 'unreadable_file'
@@ -96,7 +98,15 @@ class Defect:
 
 @dataclasses.dataclass(frozen=True)
 class LabelSpec:
-  """How dataset category ids become DeepLab2 panoptic ids."""
+  """How dataset category ids become DeepLab2 panoptic ids (the converters' direction).
+
+  Not the same concept as evaluation/formats.LabelSpace, which is the other direction: there
+  every train id has exactly the one category id of its DatasetDescriptor, read straight from
+  it. Here a converter chooses the mapping from the category ids its files hold (the Cityscapes
+  converter reads train ids there, not the descriptor's label ids; a COCO-format dataset may
+  leave categories out) and how crowd regions are labelled (`treat_crowd_as_ignore`, a choice
+  of the conversion run, not of the dataset).
+  """
   category_to_train_id: Mapping[int, int]
   thing_train_ids: frozenset
   ignore_label: int
@@ -326,18 +336,6 @@ def list_images(folder: str, suffix: str = '') -> list[str]:
 # ---- Pixels ----
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """COCO panoptic colours to segment ids: R + 256 * G + 256^2 * B. [h, w, 3] -> int32."""
-  rgb = rgb.astype(np.int32)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """The inverse of rgb_to_id. int [h, w] -> uint8 [h, w, 3]."""
-  ids = np.asarray(ids, np.int64)
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _JPEG_SIGNATURE = b'\xff\xd8\xff'
 
@@ -373,7 +371,7 @@ def decode_label_png(data: bytes, path: str, defects: list) -> Optional[np.ndarr
   except tf.errors.OpError as error:
     defects.append(Defect(UNREADABLE_FILE, path, f'PNG cannot be decoded ({error.message})'))
     return None
-  return rgb_to_id(rgb)
+  return panoptic_rgb.rgb_to_id(rgb)
 
 
 def read_image(path: str, defects: list) -> Optional[tuple]:
@@ -436,9 +434,13 @@ def panoptic_from_segments(ids: np.ndarray, segments: Sequence[dict], spec: Labe
     index = index_of.get(sid)
     pixels = int(counts[index]) if index is not None else 0
     if pixels == 0:
+      if 0 <= sid <= panoptic_rgb.MAX_RGB_ID:
+        where = f'colour {tuple(int(c) for c in panoptic_rgb.id_to_rgb(np.array(sid)))}'
+      else:
+        where = f'no RGB colour has it: ids lie in [0, {panoptic_rgb.MAX_RGB_ID}]'
       defects.append(Defect(ID_NOT_IN_PNG, file,
                             f'{what} is in the JSON but no pixel of the PNG has this id '
-                            f'(colour {tuple(int(c) for c in id_to_rgb(np.array(sid)))})'))
+                            f'({where})'))
     elif segment.get('area') is not None and segment['area'] != pixels:
       defects.append(Defect(AREA_MISMATCH, file,
                             f'{what}: JSON area {segment["area"]}, PNG has {pixels} pixels'))
@@ -523,7 +525,7 @@ def check_example(job: ExampleJob, spec: Optional[LabelSpec], read_pixels: bool 
 def encode_example_job(job: ExampleJob, spec: LabelSpec) -> bytes:
   """The serialized DeepLab2 tf.train.Example of a job; raises ConversionError on the first
   error-level defect (runs in the converters' worker processes)."""
-  from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import tfrecord  # pylint: disable=g-import-not-at-top
   checked = check_example(job, spec)
   errors = [d for d in checked.defects if d.is_error]
   if errors:

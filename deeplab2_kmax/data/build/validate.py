@@ -1,6 +1,6 @@
 """Checks a source or converted panoptic dataset and prints a report.
 
-    python -m deeplab2_kmax.data.validate --dataset=PATH [--images=DIR] \
+    python -m deeplab2_kmax.data.build.validate --dataset=PATH [--images=DIR] \
         [--panoptic_png_dir=DIR] [--dataset_config=FILE_OR_NAME] [--label_divisor=256] \
         [--max_listed=5] [--num_workers=1]
 
@@ -36,7 +36,7 @@ from absl import flags
 import numpy as np
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import coco_format as cf
+from deeplab2_kmax.data.formats import coco_panoptic as cf
 
 
 @dataclasses.dataclass
@@ -130,7 +130,8 @@ def validate_json(json_path: str, png_dir: str = '', images_dir: str = '',
                   dataset_config: str = '', label_divisor: int = 256,
                   num_workers: int = 1) -> Report:
   """Checks a COCO-panoptic-format dataset (classes from dataset_config or the JSON)."""
-  from deeplab2_kmax.data import build_coco_format_data  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from deeplab2_kmax.data.build import coco_format as build_coco_format_data
   png_dir = png_dir or os.path.splitext(json_path)[0]
   data = cf.load_json(json_path)
   if dataset_config:
@@ -152,9 +153,9 @@ def validate_json(json_path: str, png_dir: str = '', images_dir: str = '',
 def validate_root(root: str, num_workers: int = 1) -> Optional[Report]:
   """Checks a COCO, Cityscapes or ADE20K source root (None if the layout is not recognised)."""
   # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import build_ade20k_data
-  from deeplab2_kmax.data import build_cityscapes_data
-  from deeplab2_kmax.data import build_coco_data
+  from deeplab2_kmax.data.build import ade20k as build_ade20k_data
+  from deeplab2_kmax.data.build import cityscapes as build_cityscapes_data
+  from deeplab2_kmax.data.build import coco as build_coco_data
   from deeplab2_kmax.data import datasets
   # pylint: enable=g-import-not-at-top
   if glob.glob(os.path.join(root, 'annotations', 'panoptic_*2017.json')):
@@ -204,7 +205,7 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
   the distinct non-void panoptic ids (crowd: thing-class ids with instance 0)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import tfrecord  # pylint: disable=g-import-not-at-top
   where = f'{file} record {index + 1}'
   try:
     parsed = tfrecord.parse_features(record)
@@ -273,7 +274,7 @@ def _record_defects(file: str, index: int, record, descriptor) -> tuple:
 
 def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.data import tfrecord  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import tfrecord  # pylint: disable=g-import-not-at-top
   report = Report(title)
   for file in files:
     records_read = 0

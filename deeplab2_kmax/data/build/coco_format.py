@@ -1,6 +1,6 @@
 """Converts any dataset in COCO panoptic format to DeepLab2-format TFRecords, no code edits.
 
-    python -m deeplab2_kmax.data.build_coco_format_data --images=DIR \
+    python -m deeplab2_kmax.data.build.coco_format --images=DIR \
         --panoptic_json=ann.json [--panoptic_png_dir=DIR] --output_dir=O \
         [--dataset_config=O/dataset_options.textproto] [--split=train] [--name=my_data] \
         [--label_divisor=256] [--treat_crowd_as_ignore]
@@ -14,7 +14,7 @@ Output: O/{split}-%05d-of-%05d.tfrecord and --dataset_config, the `dataset_descr
 of the dataset (class names sorted by category id as train ids 1..N, train id 0 = void and the
 ignore label, thing flags, colours, the original category ids) ready to paste into the
 train/eval dataset options of an experiment config. Converting a second split with the same
-categories adds its size to the same file. Run `python -m deeplab2_kmax.data.validate
+categories adds its size to the same file. Run `python -m deeplab2_kmax.data.build.validate
 --dataset=ann.json` first for a full report of any problems in the annotations.
 """
 
@@ -24,8 +24,8 @@ from absl import flags
 from google.protobuf import text_format
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import coco_format
-from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.build import conversion
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.protos import dataset_pb2
 
@@ -49,7 +49,7 @@ def descriptor_from_categories(categories: list, name: str, label_divisor: int,
   seen = {}
   for i, n in enumerate(names):
     if n in seen:
-      raise coco_format.ConversionError(
+      raise coco_panoptic.ConversionError(
           f'categories {categories[seen[n] - 1]["id"] if seen[n] else "void"} and '
           f'{categories[i - 1]["id"]} are both named "{n}"; fix: give classes distinct names')
     seen[n] = i
@@ -66,7 +66,7 @@ def options_text(descriptor: datasets.DatasetDescriptor, output_dir: str) -> str
   body = '\n'.join('  ' + line for line in body.strip().splitlines())
   patterns = '\n'.join(f'# {split}: file_pattern: "{os.path.join(os.path.abspath(output_dir), split)}'
                        f'-*.tfrecord"' for split in sorted(descriptor.splits_to_sizes))
-  return (f'# Dataset "{descriptor.name}" converted by deeplab2_kmax.data.build_coco_format_data.\n'
+  return (f'# Dataset "{descriptor.name}" converted by deeplab2_kmax.data.build.coco_format.\n'
           '# Paste into train_dataset_options / eval_dataset_options of an experiment config\n'
           f'# (the model\'s semantic output channels must equal the {descriptor.num_classes} '
           'classes).\n'
@@ -93,33 +93,33 @@ def build(images: str, panoptic_json: str, output_dir: str, panoptic_png_dir: st
           num_workers: int = 1, overwrite: bool = False, show_progress: bool = True) -> list:
   """Converts one split; writes the dataset config; returns [WriteResult]."""
   if not os.path.isdir(images):
-    raise coco_format.ConversionError(f'--images={images} is not a folder')
+    raise coco_panoptic.ConversionError(f'--images={images} is not a folder')
   png_dir = panoptic_png_dir or os.path.splitext(panoptic_json)[0]
   if not os.path.isdir(png_dir):
-    raise coco_format.ConversionError(
+    raise coco_panoptic.ConversionError(
         f'{png_dir}: no such folder of panoptic PNGs; fix: pass --panoptic_png_dir')
-  data = coco_format.load_json(panoptic_json)
-  categories = coco_format.read_categories(data, panoptic_json)
+  data = coco_panoptic.load_json(panoptic_json)
+  categories = coco_panoptic.read_categories(data, panoptic_json)
   name = name or os.path.splitext(os.path.basename(panoptic_json))[0]
   config_path = dataset_config or os.path.join(output_dir, conversion.DATASET_OPTIONS_FILE)
   sizes = {}
   existing = _read_existing(config_path)
-  parsed = coco_format.read_panoptic_json(panoptic_json, png_dir, images, data)
+  parsed = coco_panoptic.read_panoptic_json(panoptic_json, png_dir, images, data)
   descriptor = descriptor_from_categories(categories, name, label_divisor, {})
   if existing is not None:
     same = all(getattr(existing, f) == getattr(descriptor, f) for f in
                ('class_names', 'class_has_instances', 'category_ids', 'panoptic_label_divisor'))
     if not same:
-      raise coco_format.ConversionError(
+      raise coco_panoptic.ConversionError(
           f'{config_path} describes other classes than {panoptic_json}; fix: convert splits '
           'that share one category list, or write to another --dataset_config')
     sizes.update(existing.splits_to_sizes)
   errors = [d for d in parsed.defects if d.is_error]
   if errors:
-    raise coco_format.ConversionError(str(errors[0]))
+    raise coco_panoptic.ConversionError(str(errors[0]))
   if not parsed.jobs:
-    raise coco_format.ConversionError(f'{panoptic_json}: no annotations to convert')
-  spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
+    raise coco_panoptic.ConversionError(f'{panoptic_json}: no annotations to convert')
+  spec = coco_panoptic.spec_from_descriptor(descriptor, treat_crowd_as_ignore)
   result = conversion.convert_split(
       output_dir, split, parsed.jobs, spec,
       conversion.num_shards_for(len(parsed.jobs), num_shards,

@@ -36,9 +36,9 @@ import tensorflow as tf
 
 from deeplab2_kmax import common
 from deeplab2_kmax.data import datasets
-from deeplab2_kmax.data import preprocessing
-from deeplab2_kmax.data import sample_generator
-from deeplab2_kmax.data import tfrecord
+from deeplab2_kmax.data.input import preprocessing
+from deeplab2_kmax.data.input import sample_generator
+from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.protos import dataset_pb2
 
 # Marks our own checks inside TensorFlow assertion messages, so errors can be told apart.
@@ -194,7 +194,8 @@ class InputPipeline:
                                        aug.scale_factor_step_size * scale_multiplier)
     image, label = preprocessing.scale_image_and_label(image, label, scale)
     if autoaugment and aug.autoaugment_policy_name:
-      from deeplab2_kmax.data import autoaugment as autoaugment_lib  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from deeplab2_kmax.data.input import autoaugment as autoaugment_lib
       image = tf.cast(autoaugment_lib.distort_image(
           tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
           aug.autoaugment_policy_name, seeds[1]), tf.float32)
@@ -340,7 +341,7 @@ class InputPipeline:
     return dataset.prefetch(tf.data.AUTOTUNE)
 
   def _paste(self, example: dict, other: dict, seed: tf.Tensor) -> dict:
-    from deeplab2_kmax.data import copy_paste  # pylint: disable=g-import-not-at-top
+    from deeplab2_kmax.data.input import copy_paste  # pylint: disable=g-import-not-at-top
     paste = self.options.augmentations.panoptic_copy_paste
     d = self.descriptor
     image, label = copy_paste.paste(

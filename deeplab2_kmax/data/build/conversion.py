@@ -1,4 +1,4 @@
-"""What every build_*_data converter shares: converting a split of ExampleJobs into sharded
+"""What every converter of data/build/ shares: converting a split of ExampleJobs into sharded
 DeepLab2 TFRecords, the dataset-options file next to the shards, and the command-line wrapper.
 """
 
@@ -10,8 +10,8 @@ from typing import Callable, Optional, Sequence
 
 from absl import flags
 
-from deeplab2_kmax.data import coco_format
-from deeplab2_kmax.data import shard_writer
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.build import shard_writer
 
 # The dataset-options file each converter writes into its output folder; the validator and
 # `dataset_descriptor`-based experiment configs read it.
@@ -23,22 +23,22 @@ def num_shards_for(num_images: int, requested: int, default: int) -> int:
   return max(1, min(requested or default, max(1, num_images)))
 
 
-def convert_split(output_dir: str, split: str, jobs: Sequence[coco_format.ExampleJob],
-                  spec: Optional[coco_format.LabelSpec], num_shards: int, num_workers: int = 1,
+def convert_split(output_dir: str, split: str, jobs: Sequence[coco_panoptic.ExampleJob],
+                  spec: Optional[coco_panoptic.LabelSpec], num_shards: int, num_workers: int = 1,
                   overwrite: bool = False, show_progress: bool = True
                   ) -> shard_writer.WriteResult:
   """Writes one split; jobs without png_path become examples without labels.
 
   num_workers: processes writing shards (0 = automatic, see `workers`).
   """
-  coco_format.check_jobs_unique(jobs)
+  coco_panoptic.check_jobs_unique(jobs)
   state = {'split': split, 'labels': spec is not None}
   if spec is not None:
     state.update(category_to_train_id=sorted(spec.category_to_train_id.items()),
                  thing_train_ids=sorted(spec.thing_train_ids), ignore_label=spec.ignore_label,
                  label_divisor=spec.label_divisor,
                  treat_crowd_as_ignore=spec.treat_crowd_as_ignore)
-  work = functools.partial(coco_format.encode_example_job, spec=spec)
+  work = functools.partial(coco_panoptic.encode_example_job, spec=spec)
   return shard_writer.write_shards(output_dir, split, list(jobs), work, num_shards,
                                    num_workers=workers(num_workers, len(jobs)), state=state, overwrite=overwrite,
                                    show_progress=show_progress)
@@ -63,7 +63,7 @@ def convert_built_in_splits(root: str, output_dir: str, splits: Sequence[str],
     jobs, defects = split_jobs(root, split)
     errors = [d for d in defects if d.is_error]
     if errors:
-      raise coco_format.ConversionError(str(errors[0]))
+      raise coco_panoptic.ConversionError(str(errors[0]))
     if not jobs:
       continue
     results.append(convert_split(
@@ -71,7 +71,7 @@ def convert_built_in_splits(root: str, output_dir: str, splits: Sequence[str],
         num_shards_for(len(jobs), num_shards, default_num_shards), num_workers, overwrite,
         show_progress))
   if not results:
-    raise coco_format.ConversionError(missing_message)
+    raise coco_panoptic.ConversionError(missing_message)
   write_dataset_options(output_dir, built_in_options_text(dataset, output_dir,
                                                           [r.split for r in results]))
   return results
@@ -128,7 +128,7 @@ def run(convert: Callable[[], list], argv: Sequence[str]) -> int:
   start = time.monotonic()
   try:
     results = convert()
-  except (coco_format.ConversionError, shard_writer.ShardStateError) as error:
+  except (coco_panoptic.ConversionError, shard_writer.ShardStateError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   seconds = time.monotonic() - start
@@ -142,4 +142,4 @@ def run(convert: Callable[[], list], argv: Sequence[str]) -> int:
 
 def require(value, flag: str) -> None:
   if not value:
-    raise coco_format.ConversionError(f'--{flag} is required')
+    raise coco_panoptic.ConversionError(f'--{flag} is required')

@@ -1,6 +1,6 @@
 """Converts Cityscapes panoptic to DeepLab2-format TFRecords.
 
-    python -m deeplab2_kmax.data.build_cityscapes_data --cityscapes_root=R --output_dir=O \
+    python -m deeplab2_kmax.data.build.cityscapes --cityscapes_root=R --output_dir=O \
         [--treat_crowd_as_ignore] [--splits=train,val,test]
 
 First create the panoptic ground truth with cityscapesscripts (PyPI `cityscapesscripts`):
@@ -24,8 +24,8 @@ import os
 from absl import flags
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import coco_format
-from deeplab2_kmax.data import conversion
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.build import conversion
 from deeplab2_kmax.data import datasets
 
 NUM_SHARDS = 10
@@ -40,16 +40,16 @@ def split_jobs(root: str, split: str):
   if not os.path.isdir(images_dir):
     return [], []
   images = {os.path.basename(p)[:-len(_IMAGE_SUFFIX + '.png')]: p
-            for p in coco_format.list_images(images_dir, _IMAGE_SUFFIX)}
+            for p in coco_panoptic.list_images(images_dir, _IMAGE_SUFFIX)}
   if split == 'test':
-    return [coco_format.ExampleJob(prefix, path) for prefix, path in sorted(images.items())], []
+    return [coco_panoptic.ExampleJob(prefix, path) for prefix, path in sorted(images.items())], []
   json_path = os.path.join(root, 'gtFine', f'cityscapes_panoptic_{split}_trainId.json')
   if not os.path.exists(json_path):
-    raise coco_format.ConversionError(
+    raise coco_panoptic.ConversionError(
         f'{json_path}: not found; fix: create it with cityscapesscripts: '
         f'python -m cityscapesscripts.preparation.createPanopticImgs --dataset-folder '
         f'{os.path.join(root, "gtFine")} --use-train-id --set-names {split}')
-  parsed = coco_format.read_panoptic_json(
+  parsed = coco_panoptic.read_panoptic_json(
       json_path, os.path.join(root, 'gtFine', f'cityscapes_panoptic_{split}_trainId'), None)
   jobs, defects = [], list(parsed.defects)
   for job in parsed.jobs:
@@ -58,21 +58,21 @@ def split_jobs(root: str, split: str):
     prefix = png_name[:-len(_PANOPTIC_SUFFIX)] if png_name.endswith(_PANOPTIC_SUFFIX) else job.name
     image_path = images.pop(prefix, None)
     if image_path is None:
-      defects.append(coco_format.Defect(
-          coco_format.MISSING_FILE, json_path,
+      defects.append(coco_panoptic.Defect(
+          coco_panoptic.MISSING_FILE, json_path,
           f'no leftImg8bit image {prefix}{_IMAGE_SUFFIX}.png for annotation {png_name}'))
       continue
     jobs.append(dataclasses.replace(job, name=prefix, image_path=image_path))
   for prefix, path in sorted(images.items()):
-    defects.append(coco_format.Defect(coco_format.MISSING_ANNOTATION, path,
-                                      f'image {prefix} has no annotation in {json_path}'))
+    defects.append(coco_panoptic.Defect(coco_panoptic.MISSING_ANNOTATION, path,
+                                        f'image {prefix} has no annotation in {json_path}'))
   return sorted(jobs, key=lambda j: j.name), defects
 
 
-def label_spec(treat_crowd_as_ignore: bool = True) -> coco_format.LabelSpec:
+def label_spec(treat_crowd_as_ignore: bool = True) -> coco_panoptic.LabelSpec:
   descriptor = datasets.get_built_in(datasets.CITYSCAPES_PANOPTIC)
   # createPanopticImgs --use-train-id writes train ids as category ids.
-  return coco_format.spec_from_descriptor(
+  return coco_panoptic.spec_from_descriptor(
       descriptor, treat_crowd_as_ignore,
       category_to_train_id={i: i for i in range(descriptor.num_classes)})
 
