@@ -345,6 +345,8 @@ def load_config(config_file: str,
     merge_override(config, parse_text(source.text, name, unset=unset))
   check_unset_references(config, unset, sources, unread_fields)
   if validate:
+    # Imported here: validation reads the model builder's table of encoders (Keras and
+    # TensorFlow come with it), which parsing alone does not need.
     from deeplab2_kmax.config import validation  # pylint: disable=g-import-not-at-top
     problems = validation.find_problems(config, num_replicas=num_replicas)
     if problems:
