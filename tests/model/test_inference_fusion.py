@@ -8,13 +8,14 @@ import tensorflow as tf
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import xla_elementwise
 
 
 @pytest.fixture(params=['tf_ops', 'xla'])
 def path(request, monkeypatch):
   """Runs a test once with every fused chain as TF ops and once as an XLA function."""
   threshold = 0 if request.param == 'xla' else 1 << 62
-  monkeypatch.setattr(inference_fusion, '_MIN_XLA_ELEMENTS', threshold)
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', threshold)
   return request.param
 
 
@@ -152,10 +153,10 @@ def test_model_inference_fused_equals_unfused_and_disabled_traces_no_xla(tiny_op
   model(image, training=True)
   _randomise_norms(model, rng)
   # The tiny model's maps are all below the XLA threshold: lift it, so every chain is XLA.
-  monkeypatch.setattr(inference_fusion, '_MIN_XLA_ELEMENTS', 0)
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0)
   spec = tf.TensorSpec([1, 65, 65, 3], tf.float32)
   fused = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-  with inference_fusion.disabled():
+  with xla_elementwise.disabled():
     plain = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
   assert not _xla_compiled_functions(plain)
   assert _xla_compiled_functions(fused)

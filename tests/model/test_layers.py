@@ -378,3 +378,36 @@ def test_depthwise_layer_uses_fast_gradient_in_training_only():
     y = layer(x, training=True)
   gradient = tape.gradient(y, layer._depthwise_conv.kernel)  # pylint: disable=protected-access
   assert gradient is not None and np.abs(np.asarray(gradient)).max() > 0
+
+
+@pytest.mark.parametrize('kernel_size,rate,shape', [(3, 6, (2, 21, 21, 5)), (3, 18, (1, 21, 17, 4)),
+                                                    (3, 25, (1, 21, 21, 3)), (5, 2, (2, 9, 11, 3))])
+def test_dilated_conv_by_taps_equals_tf(kernel_size, rate, shape):
+  # The training path of a dilated stride-1 convolution (issue #19) against TF's
+  # tf.nn.convolution (its space-to-batch rewrite): values and both gradients, incl. a rate
+  # larger than the map (only the centre tap reads the image).
+  rng = np.random.RandomState(rate + shape[2])
+  x = tf.constant(rng.normal(size=shape), tf.float32)
+  kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 6)), tf.float32)
+  upstream = tf.constant(rng.normal(size=shape[:3] + (6,)), tf.float32)
+  results = []
+  for function in (lambda a, k: convolutions.dilated_conv_by_taps(a, k, rate),
+                   lambda a, k: tf.nn.convolution(a, k, padding='SAME', dilations=rate)):
+    with tf.GradientTape() as tape:
+      tape.watch([x, kernel])
+      y = function(x, kernel)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, kernel])])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_dilated_conv_layer_trains_through_taps_and_matches_inference():
+  layer = convolutions.Conv2DSame(4, 3, 'conv', atrous_rate=6, use_bias=True)
+  x = tf.constant(np.random.RandomState(3).normal(size=(2, 13, 13, 3)), tf.float32)
+  inference = layer(x, training=False)
+  graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(
+      tf.TensorSpec(x.shape)).graph
+  types = {op.type for op in graph.get_operations()}
+  assert 'SpaceToBatchND' not in types and 'AddN' in types
+  np.testing.assert_allclose(layer(x, training=True), inference, rtol=1e-5, atol=1e-5)

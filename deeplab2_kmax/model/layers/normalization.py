@@ -180,10 +180,10 @@ class BatchNorm(keras.layers.Layer):
     Differentiating BN and GELU one after the other keeps the normalised tensor (GELU's input)
     besides `inputs` (BN's) until the backward pass: one more full-size tensor per BN + GELU,
     ~0.5 GB of the kMaX-R50 step at 641x641, batch 2 (docs/benchmarks.md, issue #19). Here
-    the backward pass renormalises `inputs` with the batch moments (one fused inference-mode
-    pass) and calls TF's fused BN gradient with the forward's reserve spaces, as TF's own
-    gradient does; the result equals the op-by-op gradient to float32 rounding
-    (tests/model/test_layers.py).
+    the backward pass renormalises `inputs` with the batch moments inside the GELU gradient's
+    XLA kernel (activations.exact_gelu_backward) and calls TF's fused BN gradient with the
+    forward's reserve spaces, as TF's own gradient does; the result equals the op-by-op
+    gradient to float32 rounding (tests/model/test_layers.py).
     """
     x = _fused_kernel_input(inputs)
     epsilon = self.epsilon
@@ -198,9 +198,9 @@ class BatchNorm(keras.layers.Layer):
       outputs = activations.get_activation('gelu')(normalized)
 
       def gradient(upstream, *unused_statistics_upstream):
-        renormalized, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean=mean, variance=variance, epsilon=epsilon, is_training=False)
-        normalized_upstream = activations.exact_gelu_backward(renormalized, upstream)
+        scale = gamma * tf.math.rsqrt(variance + epsilon)
+        normalized_upstream = activations.exact_gelu_backward(
+            x, upstream, scale=scale, offset=beta - mean * scale)
         x_grad, gamma_grad, beta_grad, _, _ = tf.raw_ops.FusedBatchNormGradV3(
             y_backprop=normalized_upstream, x=x, scale=gamma, reserve_space_1=reserve_1,
             reserve_space_2=reserve_2, reserve_space_3=reserve_3, epsilon=epsilon,
