@@ -402,12 +402,16 @@ def test_dilated_conv_by_taps_equals_tf(kernel_size, rate, shape):
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_dilated_conv_layer_trains_through_taps_and_matches_inference():
+@pytest.mark.parametrize('size,by_taps', [(13, True), (41, False)])
+def test_dilated_conv_layer_trains_through_taps_where_most_read_padding(size, by_taps):
+  # Rate 6 on 13 x 13: 48% of the taps read the image -> taps. On 41 x 41: 81% -> Keras'
+  # space-to-batch path (taps would keep 9 shifted copies of the input for little gain).
   layer = convolutions.Conv2DSame(4, 3, 'conv', atrous_rate=6, use_bias=True)
-  x = tf.constant(np.random.RandomState(3).normal(size=(2, 13, 13, 3)), tf.float32)
+  x = tf.constant(np.random.RandomState(3).normal(size=(2, size, size, 3)), tf.float32)
   inference = layer(x, training=False)
   graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(
       tf.TensorSpec(x.shape)).graph
   types = {op.type for op in graph.get_operations()}
-  assert 'SpaceToBatchND' not in types and 'AddN' in types
+  assert ('SpaceToBatchND' not in types and 'AddN' in types) == by_taps
+  assert ('SpaceToBatchND' in types) != by_taps
   np.testing.assert_allclose(layer(x, training=True), inference, rtol=1e-5, atol=1e-5)

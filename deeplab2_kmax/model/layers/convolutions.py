@@ -81,15 +81,18 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   def _convolve(self, x, training, kernel=None):
     """The convolution (+ bias); `kernel` (any float dtype) replaces the layer's kernel."""
     dilated = self.atrous_rate > 1 and self.strides == 1
-    if kernel is None and not (dilated and self._conv.built):
-      return self._conv(x)
     # Keras convolves a dilated kernel through tf.nn.convolution's space-to-batch rewrite,
     # which at the ASPP's rates (6, 12, 18 on a 21 x 21 map) computes mostly padding and is
     # 2-10x slower than TF's own dilated Conv2D. That kernel's gradient exists only with
-    # oneDNN or on GPU, so training sums the kernel's taps instead (as fast, any device).
-    kernel = self._conv.kernel if kernel is None else kernel
-    kernel = tf.cast(kernel, x.dtype)
-    if dilated and training:
+    # oneDNN or on GPU, so training sums the kernel's in-image taps instead (as fast, any
+    # device) where most taps read padding, and keeps Keras' path elsewhere (a rate-2 kernel
+    # on a large map: little waste, and the taps would keep 9 shifted copies of x).
+    by_taps = (dilated and training and kernel is None and self._conv.built
+               and _mostly_padding(x, self.kernel_size, self.atrous_rate))
+    if kernel is None and not by_taps and not (dilated and not training and self._conv.built):
+      return self._conv(x)
+    kernel = tf.cast(self._conv.kernel if kernel is None else kernel, x.dtype)
+    if by_taps:
       x = dilated_conv_by_taps(x, kernel, self.atrous_rate)
     else:
       x = tf.nn.conv2d(x, kernel, strides=self.strides,
@@ -156,6 +159,21 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
         'norm_layer': normalization.norm_layer_config(self.norm_layer),
     })
     return config
+
+
+def _mostly_padding(x, kernel_size, rate):
+  """Whether over a quarter of a dilated 'SAME' convolution's taps fall outside x's map.
+
+  Then training sums the in-image taps (`dilated_conv_by_taps`); otherwise the dense
+  convolution costs little more. The ASPP at 641 x 641 (21 x 21 map; rates 6, 12, 18) reads
+  the image with 66%, 38% and 18% of its taps; a rate-2 3x3 kernel on 161 x 161 with 98%.
+  """
+  height, width = x.shape[1], x.shape[2]
+  if height is None or width is None:
+    return False
+  reach = [(i - kernel_size // 2) * rate for i in range(kernel_size)]
+  inside = sum(max(height - abs(a), 0) * max(width - abs(b), 0) for a in reach for b in reach)
+  return inside < 0.75 * kernel_size ** 2 * height * width
 
 
 def dilated_conv_by_taps(x, kernel, rate):
