@@ -61,22 +61,6 @@ def test_fused_chains_equal_their_formulas(path):
                              atol=1e-3)
 
 
-def test_fused_layer_norm_equals_keras(path):
-  del path
-  import keras  # pylint: disable=g-import-not-at-top
-  rng = np.random.RandomState(1)
-  layer = keras.layers.LayerNormalization(epsilon=1e-6)
-  x = (rng.normal(size=(2, 4, 5, 8)) * 3 + 1).astype(np.float32)
-  layer.build(x.shape)
-  layer.gamma.assign(rng.uniform(0.5, 1.5, 8).astype(np.float32))
-  layer.beta.assign(rng.normal(size=8).astype(np.float32))
-  mean = x.mean(-1, keepdims=True)
-  expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * layer.gamma.numpy() + (
-      layer.beta.numpy())
-  np.testing.assert_allclose(inference_fusion.layer_norm(layer, x, training=False), expected,
-                             rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize('activation, kernel_size, rate, strides, with_residual', [
     ('gelu', 3, 1, 1, False),
     ('relu', 1, 1, 1, False),

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,8 +14,10 @@ from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import axial_attention
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import layer_norm
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resize
+from deeplab2_kmax.model.layers import xla_elementwise
 from tests.model import retained_tensors
 
 
@@ -415,3 +418,39 @@ def test_dilated_conv_layer_trains_through_taps_where_most_read_padding(size, by
   assert ('SpaceToBatchND' not in types and 'AddN' in types) == by_taps
   assert ('SpaceToBatchND' in types) != by_taps
   np.testing.assert_allclose(layer(x, training=True), inference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('xla', [False, True])
+def test_layer_norm_equals_keras_and_keeps_only_its_input(xla, monkeypatch):
+  # layer_norm.layer_norm (issue #19) against the formula (inference) and Keras' own layer
+  # (training: outputs, and gradients of x, gamma and beta); its backward pass keeps no
+  # full-size tensor but the input (Keras' keeps two more).
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0 if xla else 1 << 62)
+  rng = np.random.RandomState(1)
+  layer = keras.layers.LayerNormalization(epsilon=1e-6)
+  x = tf.constant((rng.normal(size=(2, 4, 5, 8)) * 3 + 1).astype(np.float32))
+  layer.build(x.shape)
+  layer.gamma.assign(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+  layer.beta.assign(rng.normal(size=8).astype(np.float32))
+  mean = x.numpy().mean(-1, keepdims=True)
+  expected = (x.numpy() - mean) / np.sqrt(x.numpy().var(-1, keepdims=True) + 1e-6) * (
+      layer.gamma.numpy()) + layer.beta.numpy()
+  np.testing.assert_allclose(layer_norm.layer_norm(layer, x, training=False), expected,
+                             rtol=1e-4, atol=1e-5)
+  upstream = tf.constant(rng.normal(size=x.shape), tf.float32)
+  results = []
+  for function in (lambda t: layer_norm.layer_norm(layer, t, training=True),
+                   lambda t: layer(t, training=True)):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = function(x)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, layer.gamma, layer.beta])])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  spec = tf.TensorSpec(x.shape, tf.float32)
+  ours = retained_tensors.retained_for_backward(
+      lambda t: layer_norm.layer_norm(layer, t, training=True), spec)
+  keras_kept = retained_tensors.retained_for_backward(lambda t: layer(t, training=True), spec)
+  assert len([kind for kind, shape in ours if shape == tuple(x.shape)]) == 1, ours
+  assert len([kind for kind, shape in keras_kept if shape == tuple(x.shape)]) >= 2, keras_kept

@@ -49,15 +49,8 @@ def _affine_to_float32(x, scale, offset):
   return tf.cast(x, tf.float32) * scale + offset
 
 
-def _layer_norm(x, gamma, beta, epsilon):
-  y = tf.cast(x, tf.float32)
-  mean, variance = tf.nn.moments(y, axes=[-1], keepdims=True)
-  y = (y - mean) * (tf.math.rsqrt(variance + epsilon) * gamma) + beta
-  return tf.cast(y, x.dtype)
-
-
 _FUSED = {function: xla_elementwise.fused(function) for function in (
-    _affine_gelu, _affine_add, _affine_l2_normalize, _affine_to_float32, _layer_norm)}
+    _affine_gelu, _affine_add, _affine_l2_normalize, _affine_to_float32)}
 
 
 def _run(function, x, *args):
@@ -121,12 +114,3 @@ def affine_l2_normalize(x, scale, offset):
 def affine_to_float32(x, scale, offset):
   """float32 x * scale + offset; scale and offset broadcast against x's last axis."""
   return _run(_affine_to_float32, x, *_float32(scale, offset))
-
-
-def layer_norm(layer, x, training):
-  """`layer(x)` for a keras LayerNormalization over the last axis, fused when active."""
-  if not (is_active(training) and layer.built and layer.center and layer.scale
-          and layer.axis in (-1, [-1], [len(x.shape) - 1])
-          and not getattr(layer, 'rms_scaling', False)):
-    return layer(x)
-  return _run(_layer_norm, x, *_float32(layer.gamma, layer.beta), float(layer.epsilon))
