@@ -48,6 +48,46 @@ def test_multi_axis_batch_norm_statistics_and_shapes():
   np.testing.assert_allclose(y_eval, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize('xla', [False, True])
+@pytest.mark.parametrize('axis,shape', [([0, 2], (3, 2, 4, 5, 5)), ([0, 2, 4], (2, 3, 4, 5, 6)),
+                                        (1, (2, 3, 4, 5))])
+def test_multi_axis_batch_norm_gradient_equals_op_by_op_and_keeps_only_input(
+    axis, shape, xla, monkeypatch):
+  # The training BN over several axes (issue #19: one XLA kernel each way on large tensors, a
+  # hand-written gradient) against TF's differentiation of the formula: output and gradients
+  # of x, gamma and beta; the backward pass keeps no full-size tensor but the input.
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0 if xla else 1 << 62)
+  rng = np.random.RandomState(len(shape))
+  x = tf.constant(rng.normal(size=shape) * 3 + 1, tf.float32)
+  upstream = tf.constant(rng.normal(size=shape), tf.float32)
+  bn = normalization.BatchNorm(axis=axis, epsilon=1e-3)
+  bn.build(shape)
+  bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype(np.float32))
+  bn.beta.assign(rng.normal(size=bn.beta.shape).astype(np.float32))
+  axes = axis if isinstance(axis, list) else [axis]
+  reduce_axes = [d for d in range(len(shape)) if d not in axes]
+
+  broadcast = [s if d in axes else 1 for d, s in enumerate(shape)]
+
+  def reference(t):
+    mean, variance = tf.nn.moments(t, axes=reduce_axes, keepdims=True)
+    return ((t - mean) * tf.math.rsqrt(variance + 1e-3) * tf.reshape(bn.gamma, broadcast)
+            + tf.reshape(bn.beta, broadcast))
+
+  results = []
+  for function in (lambda t: bn(t, training=True), reference):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = function(x)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, bn.gamma, bn.beta])])
+  for ours, expected in zip(*results):
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+  kept = retained_tensors.retained_for_backward(lambda t: bn(t, training=True),
+                                                tf.TensorSpec(shape, tf.float32))
+  assert [kind for kind, kept_shape in kept if kept_shape == shape] == ['Placeholder'], kept
+
+
 def test_single_axis_batch_norm_has_vector_variables():
   bn = normalization.BatchNorm(axis=-1)
   bn(np.zeros((2, 3, 7), np.float32))

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import xla_elementwise
 
 
 _STATE = threading.local()
@@ -64,6 +65,57 @@ def _biased_variance(unbiased_variance, x):
   """The fused kernel returns the unbiased batch variance; BN normalises with the biased one."""
   count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
   return unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+
+
+def _batch_normalize_of(x, gamma, beta, reduce_axes, epsilon):
+  x = tf.cast(x, tf.float32)
+  mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
+  scale = gamma * tf.math.rsqrt(variance + epsilon)
+  return x * scale + (beta - mean * scale), mean, variance
+
+
+def _batch_normalize_gradient_of(x, gamma, upstream, reduce_axes, epsilon):
+  x = tf.cast(x, tf.float32)
+  mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
+  inverse_std = tf.math.rsqrt(variance + epsilon)
+  normalized = (x - mean) * inverse_std
+  upstream = tf.cast(upstream, tf.float32)
+  upstream_mean = tf.reduce_mean(upstream, axis=reduce_axes, keepdims=True)
+  projection = tf.reduce_mean(upstream * normalized, axis=reduce_axes, keepdims=True)
+  x_gradient = gamma * inverse_std * (upstream - upstream_mean - normalized * projection)
+  count = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
+  return x_gradient, projection * count, upstream_mean * count
+
+
+_batch_normalize = xla_elementwise.fused(_batch_normalize_of)
+_batch_normalize_gradient = xla_elementwise.fused(_batch_normalize_gradient_of)
+
+
+def _normalize_with_batch_moments(inputs, gamma, beta, reduce_axes, epsilon):
+  """Training BN with statistics over `reduce_axes` (one replica): (float32 output, mean,
+  variance), the last two in the broadcast shape of gamma and beta.
+
+  For the attention layers' BNs over several axes (axis=[0, 2] on [3, batch, heads, length,
+  length], ...), which TF's fused kernels do not cover. Forward and gradient are one XLA
+  kernel each on large tensors, and the backward pass keeps only the input; op by op, the
+  moments, the normalisation and their gradients are a dozen passes, ~2.5x slower on the
+  pixel decoder's stride-16 axial attention (docs/benchmarks.md, issue #19):
+    dx = gamma r (g - mean(g) - x_hat mean(g x_hat)),  d gamma = sum(g x_hat),  d beta = sum(g),
+  means and sums over `reduce_axes`, r = 1 / sqrt(var + epsilon). Equal to the op-by-op
+  gradient to float32 rounding (tests/model/test_layers.py).
+  """
+  @tf.custom_gradient
+  def normalize(x, gamma, beta):
+    outputs, mean, variance = _batch_normalize(x, gamma, beta, reduce_axes, epsilon)
+
+    def gradient(upstream, *unused_statistics_upstream):
+      x_gradient, gamma_gradient, beta_gradient = _batch_normalize_gradient(
+          x, gamma, upstream, reduce_axes, epsilon)
+      return tf.cast(x_gradient, x.dtype), gamma_gradient, beta_gradient
+
+    return (outputs, mean, variance), gradient
+
+  return normalize(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
@@ -251,8 +303,14 @@ class BatchNorm(keras.layers.Layer):
       shape = self._broadcast_shape(rank)
       gamma = tf.reshape(self.gamma, shape)
       beta = tf.reshape(self.beta, shape)
+      reduce_axes = [d for d in range(rank) if d not in axes]
+      if training and (not self.synchronized or _replica_context() is None):
+        outputs, mean, variance = _normalize_with_batch_moments(
+            inputs, gamma, beta, reduce_axes, self.epsilon)
+        self._update_moving_averages(tf.stop_gradient(mean), tf.stop_gradient(variance))
+        outputs = tf.cast(outputs, self.compute_dtype)
+        return activations.get_activation('gelu')(outputs) if then_gelu else outputs
       if training:
-        reduce_axes = [d for d in range(rank) if d not in axes]
         mean, variance = self._moments(x, reduce_axes)
         self._update_moving_averages(mean, variance)
       else:
