@@ -16,7 +16,7 @@ import os
 import tensorflow as tf
 
 from deeplab2_kmax.export import serving_module as serving_lib
-from deeplab2_kmax.model.layers import inference_fusion
+from deeplab2_kmax.model.layers import xla_elementwise
 
 LITERT_FILE = 'model.tflite'
 WEIGHT_TYPES = ('float32', 'float16')
@@ -28,7 +28,7 @@ def write(module: serving_lib.ServingModule, directory: str, weights: str = 'flo
     raise ValueError(f'--litert_weights "{weights}" is unknown; use one of '
                      f'{", ".join(WEIGHT_TYPES)}.')
   spec = module.input_specs()[serving_lib.SIGNATURE_IMAGE_TENSOR]
-  with inference_fusion.disabled():
+  with xla_elementwise.disabled():
     function = tf.function(module.serve_images).get_concrete_function(spec)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

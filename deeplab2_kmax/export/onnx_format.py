@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab2_kmax.export import serving_module as serving_lib
-from deeplab2_kmax.model.layers import inference_fusion
+from deeplab2_kmax.model.layers import xla_elementwise
 
 ONNX_FILE = 'model.onnx'
 # Opset 17 (ONNX 1.12, 2022): ONNX Runtime >= 1.12, TensorRT 8.5+, OpenVINO 2022.3+.
@@ -111,7 +111,7 @@ def write(module: serving_lib.ServingModule, directory: str, descriptor_text: st
   tf2onnx.logging.set_level(tf2onnx.logging.ERROR)
   spec = module.input_specs()[serving_lib.SIGNATURE_IMAGE_TENSOR]
   # Traced without XLA-compiled functions, which tf2onnx cannot read.
-  with inference_fusion.disabled():
+  with xla_elementwise.disabled():
     model_proto, _ = tf2onnx.convert.from_function(
         tf.function(module.serve_images), input_signature=[spec], opset=opset,
         custom_op_handlers=_CUSTOM_HANDLERS)

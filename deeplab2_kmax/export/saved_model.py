@@ -20,7 +20,7 @@ import tensorflow as tf
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.export import serving_module as serving_lib
 from deeplab2_kmax.export import serving_warmup
-from deeplab2_kmax.model.layers import inference_fusion
+from deeplab2_kmax.model.layers import xla_elementwise
 from deeplab2_kmax.protos import dataset_pb2
 
 TAG_SERVE = 'serve'
@@ -39,7 +39,7 @@ def write(module: serving_lib.ServingModule, output_path: str, version: int = 1,
   if tf.io.gfile.exists(directory):
     tf.io.gfile.rmtree(directory)
   # Traced without XLA functions: TF Serving's XLA:CPU JIT is off by default.
-  with inference_fusion.disabled():
+  with xla_elementwise.disabled():
     tf.saved_model.save(module, directory, signatures=module.signatures(input_types))
   write_descriptor(directory, module.descriptor)
   write_warmup(directory, module, [serving_lib.INPUT_TYPES[t] for t in input_types])

@@ -17,7 +17,7 @@ from deeplab2_kmax.model import max_deeplab
 from deeplab2_kmax.model.heads import conv_head
 from deeplab2_kmax.model.heads import max_head
 from deeplab2_kmax.model.heads import semantic
-from deeplab2_kmax.model.layers import inference_fusion
+from deeplab2_kmax.model.layers import xla_elementwise
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
 from deeplab2_kmax.model.pixel_encoder import convnext
@@ -262,7 +262,7 @@ def build_model(experiment_options, crop_size=None, descriptor=None, dtype=None,
     height, width = crop_size or default_crop(experiment_options)
     # Plain ops for this throw-away call: the eager inference fusion would compile an XLA
     # function per map shape (and TF warn about the retracing) only to build the variables.
-    with inference_fusion.disabled():
+    with xla_elementwise.disabled():
       model(np.zeros([1, height, width, 3], np.float32), training=False)
   if experiment_options.trainer_options.recompute:
     # Training-mode calls only; applies once the sub-networks are built (the build above).

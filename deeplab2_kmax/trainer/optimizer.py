@@ -36,16 +36,86 @@ def is_decayed(variable) -> bool:
   return variable.name.split('/')[-1].split(':')[0] in DECAYED_VARIABLE_NAMES
 
 
+class _FusedAdamUpdate:
+  """Keras' Adam / AdamW update (TF backend) as one fused op per variable.
+
+  Keras runs Adam's update as ~12 element-wise ops per variable, and AdamW's decay evaluates
+  the learning-rate schedule once more per decayed variable (its `learning_rate` property calls
+  the schedule each time): ~10,000 small ops for kMaX-R50's 718 variables, 0.8 s of op time
+  per step on a 2-core CPU (docs/benchmarks.md, issue #19). Here the step's scalars (rate,
+  decay, bias corrections) are computed once, each decayed kernel is scaled by 1 - rate x decay,
+  and TF's ResourceApplyAdam (the kernel Keras 2's Adam ran; the same formula as Keras 3's)
+  updates the variable and both moments in one pass. Equal to Keras' update to float32 rounding
+  (tests/trainer/test_optimizer.py). Relies on two hooks of Keras' TF-backend optimizer
+  (`_apply_weight_decay`, `_backend_update_step`); the tests fail if they change.
+  """
+
+  def _apply_weight_decay(self, variables):
+    # Applied per variable in _fused_updates, with the rate computed once.
+    del variables
+
+  def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    """Keras' TF-backend update (replica context), with the step's scalars computed once."""
+    if self.amsgrad:
+      super()._apply_weight_decay(trainable_variables)
+      super()._backend_update_step(grads, trainable_variables, learning_rate)
+      return
+    rate = tf.cast(learning_rate, tf.float32)
+    local_step = tf.cast(self.iterations + 1, tf.float32)
+    decay = getattr(self, 'weight_decay', None)
+    scalars = (rate, tf.pow(tf.constant(self.beta_1, tf.float32), local_step),
+               tf.pow(tf.constant(self.beta_2, tf.float32), local_step),
+               1.0 - rate * tf.cast(0.0 if decay is None else decay, tf.float32))
+    variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+    grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        self._fused_updates, self._distribution_strategy, grads_and_vars, scalars)
+
+  def _fused_updates(self, distribution, grads_and_vars, scalars):
+    """Cross-replica context: `scalars` are per replica; update picks each device's."""
+    decays = getattr(self, 'weight_decay', None) is not None
+
+    def update(variable, gradient, rate, beta_1_power, beta_2_power, keep):
+      index = self._get_variable_index(variable)
+      dtype = variable.dtype
+      if decays and self._use_weight_decay(variable):
+        # Keras: variable - variable * decay * rate.
+        variable.assign(variable * tf.cast(keep, dtype))
+      return tf.raw_ops.ResourceApplyAdam(
+          var=variable.handle, m=self._momentums[index].value.handle,
+          v=self._velocities[index].value.handle, beta1_power=tf.cast(beta_1_power, dtype),
+          beta2_power=tf.cast(beta_2_power, dtype), lr=tf.cast(rate, dtype),
+          beta1=tf.constant(self.beta_1, dtype), beta2=tf.constant(self.beta_2, dtype),
+          epsilon=tf.constant(self.epsilon, dtype),
+          grad=tf.cast(tf.convert_to_tensor(gradient), dtype))
+
+    for gradient, variable in grads_and_vars:
+      distribution.extended.update(variable, update, args=(gradient, *scalars), group=False)
+
+
+class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
+  """keras.optimizers.Adam with one fused update op per variable."""
+
+  def __init__(self, *args, name='adam', **kwargs):
+    super().__init__(*args, name=name, **kwargs)
+
+
+class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+  """keras.optimizers.AdamW with one fused update op per variable."""
+
+  def __init__(self, *args, name='adamw', **kwargs):
+    super().__init__(*args, name=name, **kwargs)
+
+
 def make_optimizer(solver_options, learning_rate: Callable[[], tf.Tensor],
                    variables: Sequence) -> keras.optimizers.Optimizer:
   """The configured Keras optimizer, weight-decay exclusions set, not yet built."""
   name = solver_options.optimizer
   if name == 'adam':
-    return keras.optimizers.Adam(learning_rate, beta_1=solver_options.adam_beta_1,
-                                 beta_2=solver_options.adam_beta_2,
-                                 epsilon=solver_options.adam_epsilon)
+    return FusedAdam(learning_rate, beta_1=solver_options.adam_beta_1,
+                     beta_2=solver_options.adam_beta_2, epsilon=solver_options.adam_epsilon)
   if name == 'adamw':
-    optimizer = keras.optimizers.AdamW(
+    optimizer = FusedAdamW(
         learning_rate, weight_decay=solver_options.adamw_weight_decay,
         beta_1=solver_options.adam_beta_1, beta_2=solver_options.adam_beta_2,
         epsilon=solver_options.adam_epsilon)

@@ -8,13 +8,14 @@ import tensorflow as tf
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import xla_elementwise
 
 
 @pytest.fixture(params=['tf_ops', 'xla'])
 def path(request, monkeypatch):
   """Runs a test once with every fused chain as TF ops and once as an XLA function."""
   threshold = 0 if request.param == 'xla' else 1 << 62
-  monkeypatch.setattr(inference_fusion, '_MIN_XLA_ELEMENTS', threshold)
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', threshold)
   return request.param
 
 
@@ -58,22 +59,6 @@ def test_fused_chains_equal_their_formulas(path):
   np.testing.assert_allclose(tf.cast(y, tf.float32), _gelu(
       tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy() * scale + offset), rtol=8e-3,
                              atol=1e-3)
-
-
-def test_fused_layer_norm_equals_keras(path):
-  del path
-  import keras  # pylint: disable=g-import-not-at-top
-  rng = np.random.RandomState(1)
-  layer = keras.layers.LayerNormalization(epsilon=1e-6)
-  x = (rng.normal(size=(2, 4, 5, 8)) * 3 + 1).astype(np.float32)
-  layer.build(x.shape)
-  layer.gamma.assign(rng.uniform(0.5, 1.5, 8).astype(np.float32))
-  layer.beta.assign(rng.normal(size=8).astype(np.float32))
-  mean = x.mean(-1, keepdims=True)
-  expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * layer.gamma.numpy() + (
-      layer.beta.numpy())
-  np.testing.assert_allclose(inference_fusion.layer_norm(layer, x, training=False), expected,
-                             rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('activation, kernel_size, rate, strides, with_residual', [
@@ -152,10 +137,10 @@ def test_model_inference_fused_equals_unfused_and_disabled_traces_no_xla(tiny_op
   model(image, training=True)
   _randomise_norms(model, rng)
   # The tiny model's maps are all below the XLA threshold: lift it, so every chain is XLA.
-  monkeypatch.setattr(inference_fusion, '_MIN_XLA_ELEMENTS', 0)
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0)
   spec = tf.TensorSpec([1, 65, 65, 3], tf.float32)
   fused = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-  with inference_fusion.disabled():
+  with xla_elementwise.disabled():
     plain = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
   assert not _xla_compiled_functions(plain)
   assert _xla_compiled_functions(fused)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,8 +14,10 @@ from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import axial_attention
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import layer_norm
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resize
+from deeplab2_kmax.model.layers import xla_elementwise
 from tests.model import retained_tensors
 
 
@@ -43,6 +46,46 @@ def test_multi_axis_batch_norm_statistics_and_shapes():
   y_eval = bn(x, training=False).numpy()
   expected = (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-3)
   np.testing.assert_allclose(y_eval, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize('xla', [False, True])
+@pytest.mark.parametrize('axis,shape', [([0, 2], (3, 2, 4, 5, 5)), ([0, 2, 4], (2, 3, 4, 5, 6)),
+                                        (1, (2, 3, 4, 5))])
+def test_multi_axis_batch_norm_gradient_equals_op_by_op_and_keeps_only_input(
+    axis, shape, xla, monkeypatch):
+  # The training BN over several axes (issue #19: one XLA kernel each way on large tensors, a
+  # hand-written gradient) against TF's differentiation of the formula: output and gradients
+  # of x, gamma and beta; the backward pass keeps no full-size tensor but the input.
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0 if xla else 1 << 62)
+  rng = np.random.RandomState(len(shape))
+  x = tf.constant(rng.normal(size=shape) * 3 + 1, tf.float32)
+  upstream = tf.constant(rng.normal(size=shape), tf.float32)
+  bn = normalization.BatchNorm(axis=axis, epsilon=1e-3)
+  bn.build(shape)
+  bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype(np.float32))
+  bn.beta.assign(rng.normal(size=bn.beta.shape).astype(np.float32))
+  axes = axis if isinstance(axis, list) else [axis]
+  reduce_axes = [d for d in range(len(shape)) if d not in axes]
+
+  broadcast = [s if d in axes else 1 for d, s in enumerate(shape)]
+
+  def reference(t):
+    mean, variance = tf.nn.moments(t, axes=reduce_axes, keepdims=True)
+    return ((t - mean) * tf.math.rsqrt(variance + 1e-3) * tf.reshape(bn.gamma, broadcast)
+            + tf.reshape(bn.beta, broadcast))
+
+  results = []
+  for function in (lambda t: bn(t, training=True), reference):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = function(x)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, bn.gamma, bn.beta])])
+  for ours, expected in zip(*results):
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+  kept = retained_tensors.retained_for_backward(lambda t: bn(t, training=True),
+                                                tf.TensorSpec(shape, tf.float32))
+  assert [kind for kind, kept_shape in kept if kept_shape == shape] == ['Placeholder'], kept
 
 
 def test_single_axis_batch_norm_has_vector_variables():
@@ -378,3 +421,76 @@ def test_depthwise_layer_uses_fast_gradient_in_training_only():
     y = layer(x, training=True)
   gradient = tape.gradient(y, layer._depthwise_conv.kernel)  # pylint: disable=protected-access
   assert gradient is not None and np.abs(np.asarray(gradient)).max() > 0
+
+
+@pytest.mark.parametrize('kernel_size,rate,shape', [(3, 6, (2, 21, 21, 5)), (3, 18, (1, 21, 17, 4)),
+                                                    (3, 25, (1, 21, 21, 3)), (5, 2, (2, 9, 11, 3))])
+def test_dilated_conv_by_taps_equals_tf(kernel_size, rate, shape):
+  # The training path of a dilated stride-1 convolution (issue #19) against TF's
+  # tf.nn.convolution (its space-to-batch rewrite): values and both gradients, incl. a rate
+  # larger than the map (only the centre tap reads the image).
+  rng = np.random.RandomState(rate + shape[2])
+  x = tf.constant(rng.normal(size=shape), tf.float32)
+  kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 6)), tf.float32)
+  upstream = tf.constant(rng.normal(size=shape[:3] + (6,)), tf.float32)
+  results = []
+  for function in (lambda a, k: convolutions.dilated_conv_by_taps(a, k, rate),
+                   lambda a, k: tf.nn.convolution(a, k, padding='SAME', dilations=rate)):
+    with tf.GradientTape() as tape:
+      tape.watch([x, kernel])
+      y = function(x, kernel)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, kernel])])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('size,by_taps', [(13, True), (41, False)])
+def test_dilated_conv_layer_trains_through_taps_where_most_read_padding(size, by_taps):
+  # Rate 6 on 13 x 13: 48% of the taps read the image -> taps. On 41 x 41: 81% -> Keras'
+  # space-to-batch path (taps would keep 9 shifted copies of the input for little gain).
+  layer = convolutions.Conv2DSame(4, 3, 'conv', atrous_rate=6, use_bias=True)
+  x = tf.constant(np.random.RandomState(3).normal(size=(2, size, size, 3)), tf.float32)
+  inference = layer(x, training=False)
+  graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(
+      tf.TensorSpec(x.shape)).graph
+  types = {op.type for op in graph.get_operations()}
+  assert ('SpaceToBatchND' not in types and 'AddN' in types) == by_taps
+  assert ('SpaceToBatchND' in types) != by_taps
+  np.testing.assert_allclose(layer(x, training=True), inference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('xla', [False, True])
+def test_layer_norm_equals_keras_and_keeps_only_its_input(xla, monkeypatch):
+  # layer_norm.layer_norm (issue #19) against the formula (inference) and Keras' own layer
+  # (training: outputs, and gradients of x, gamma and beta); its backward pass keeps no
+  # full-size tensor but the input (Keras' keeps two more).
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0 if xla else 1 << 62)
+  rng = np.random.RandomState(1)
+  layer = keras.layers.LayerNormalization(epsilon=1e-6)
+  x = tf.constant((rng.normal(size=(2, 4, 5, 8)) * 3 + 1).astype(np.float32))
+  layer.build(x.shape)
+  layer.gamma.assign(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+  layer.beta.assign(rng.normal(size=8).astype(np.float32))
+  mean = x.numpy().mean(-1, keepdims=True)
+  expected = (x.numpy() - mean) / np.sqrt(x.numpy().var(-1, keepdims=True) + 1e-6) * (
+      layer.gamma.numpy()) + layer.beta.numpy()
+  np.testing.assert_allclose(layer_norm.layer_norm(layer, x, training=False), expected,
+                             rtol=1e-4, atol=1e-5)
+  upstream = tf.constant(rng.normal(size=x.shape), tf.float32)
+  results = []
+  for function in (lambda t: layer_norm.layer_norm(layer, t, training=True),
+                   lambda t: layer(t, training=True)):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = function(x)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [x, layer.gamma, layer.beta])])
+  for ours, reference in zip(*results):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  spec = tf.TensorSpec(x.shape, tf.float32)
+  ours = retained_tensors.retained_for_backward(
+      lambda t: layer_norm.layer_norm(layer, t, training=True), spec)
+  keras_kept = retained_tensors.retained_for_backward(lambda t: layer(t, training=True), spec)
+  assert len([kind for kind, shape in ours if shape == tuple(x.shape)]) == 1, ours
+  assert len([kind for kind, shape in keras_kept if shape == tuple(x.shape)]) >= 2, keras_kept

@@ -6,40 +6,22 @@ around a float32 erf). TF's graph executor runs each op as its own pass over mem
 kMaX decoders' large maps these chains cost more than the convolutions before them. Grappler
 fuses a convolution with a following BN and ReLU, but not with a GELU, and on CPU not with
 a bfloat16 BN at all. Here each chain becomes one small XLA function (one loop, float32 inside,
-called from the surrounding graph): on a 161 x 161 x 256 bfloat16 map the GELU takes 2.9 ms
-instead of 8.6 ms. A launch costs ~0.1 ms more than TF's ops, so maps under _MIN_XLA_ELEMENTS
-run the same functions as plain TF ops.
+called from the surrounding graph, `xla_elementwise.fused`): on a 161 x 161 x 256 bfloat16 map
+the GELU takes 2.9 ms instead of 8.6 ms.
 
-Training keeps its ops (and their gradients) unchanged: nothing here runs when `training`.
-Anything that must run without XLA traces the model inside `disabled()`: a SavedModel for TF
-Serving, whose model server leaves its XLA:CPU JIT off unless started with
---xla_cpu_compilation_enabled.
+Nothing here runs when `training` (training fuses its own GELU and gradient: activations.py).
 """
-
-import contextlib
 
 import tensorflow as tf
 
-_INV_SQRT2 = 0.7071067811865476
-# Below this many elements an XLA launch costs more than TF's separate ops (2-core CPU).
-_MIN_XLA_ELEMENTS = 1 << 17
-_disabled_depth = 0
-
-
-@contextlib.contextmanager
-def disabled():
-  """Within this context, models traced for inference use plain TF ops (no XLA functions)."""
-  global _disabled_depth
-  _disabled_depth += 1
-  try:
-    yield
-  finally:
-    _disabled_depth -= 1
+from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import xla_elementwise
 
 
 def is_active(training):
-  """Whether inference chains are fused: not in training, and not within `disabled()`."""
-  return not training and _disabled_depth == 0
+  """Whether inference chains are fused: not in training, and not within
+  `xla_elementwise.disabled()`."""
+  return not training and xla_elementwise.enabled()
 
 
 def is_fusable(activation, training):
@@ -47,16 +29,8 @@ def is_fusable(activation, training):
   return is_active(training) and activation is not None and activation.lower() == 'gelu'
 
 
-def _exact_gelu_float32(y):
-  return 0.5 * y * (1.0 + tf.math.erf(y * _INV_SQRT2))
-
-
 def _affine_gelu(x, scale, offset):
-  return tf.cast(_exact_gelu_float32(tf.cast(x, tf.float32) * scale + offset), x.dtype)
-
-
-def _gelu(x):
-  return tf.cast(_exact_gelu_float32(tf.cast(x, tf.float32)), x.dtype)
+  return tf.cast(activations.gelu_float32(tf.cast(x, tf.float32) * scale + offset), x.dtype)
 
 
 def _affine_add(x, scale, offset, residual):
@@ -75,23 +49,12 @@ def _affine_to_float32(x, scale, offset):
   return tf.cast(x, tf.float32) * scale + offset
 
 
-def _layer_norm(x, gamma, beta, epsilon):
-  y = tf.cast(x, tf.float32)
-  mean, variance = tf.nn.moments(y, axes=[-1], keepdims=True)
-  y = (y - mean) * (tf.math.rsqrt(variance + epsilon) * gamma) + beta
-  return tf.cast(y, x.dtype)
-
-
-_XLA = {function: tf.function(function, jit_compile=True) for function in (
-    _affine_gelu, _gelu, _affine_add, _affine_l2_normalize, _affine_to_float32, _layer_norm)}
+_FUSED = {function: xla_elementwise.fused(function) for function in (
+    _affine_gelu, _affine_add, _affine_l2_normalize, _affine_to_float32)}
 
 
 def _run(function, x, *args):
-  x = tf.convert_to_tensor(x)
-  size = x.shape.num_elements()
-  if size is not None and size < _MIN_XLA_ELEMENTS:
-    return function(x, *args)
-  return _XLA[function](x, *args)
+  return _FUSED[function](x, *args)
 
 
 def _float32(*tensors):
@@ -110,7 +73,7 @@ def affine_gelu(x, scale, offset):
 
 def gelu(x):
   """Exact GELU of x in x's dtype, computed in float32."""
-  return _run(_gelu, x)
+  return activations.fused_gelu(x)
 
 
 def normalize_and_activate(x, batch_norm, activation_name, activation_fn, training):
@@ -151,12 +114,3 @@ def affine_l2_normalize(x, scale, offset):
 def affine_to_float32(x, scale, offset):
   """float32 x * scale + offset; scale and offset broadcast against x's last axis."""
   return _run(_affine_to_float32, x, *_float32(scale, offset))
-
-
-def layer_norm(layer, x, training):
-  """`layer(x)` for a keras LayerNormalization over the last axis, fused when active."""
-  if not (is_active(training) and layer.built and layer.center and layer.scale
-          and layer.axis in (-1, [-1], [len(x.shape) - 1])
-          and not getattr(layer, 'rms_scaling', False)):
-    return layer(x)
-  return _run(_layer_norm, x, *_float32(layer.gamma, layer.beta), float(layer.epsilon))

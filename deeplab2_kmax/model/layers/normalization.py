@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import xla_elementwise
 
 
 _STATE = threading.local()
@@ -64,6 +65,57 @@ def _biased_variance(unbiased_variance, x):
   """The fused kernel returns the unbiased batch variance; BN normalises with the biased one."""
   count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
   return unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+
+
+def _batch_normalize_of(x, gamma, beta, reduce_axes, epsilon):
+  x = tf.cast(x, tf.float32)
+  mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
+  scale = gamma * tf.math.rsqrt(variance + epsilon)
+  return x * scale + (beta - mean * scale), mean, variance
+
+
+def _batch_normalize_gradient_of(x, gamma, upstream, reduce_axes, epsilon):
+  x = tf.cast(x, tf.float32)
+  mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
+  inverse_std = tf.math.rsqrt(variance + epsilon)
+  normalized = (x - mean) * inverse_std
+  upstream = tf.cast(upstream, tf.float32)
+  upstream_mean = tf.reduce_mean(upstream, axis=reduce_axes, keepdims=True)
+  projection = tf.reduce_mean(upstream * normalized, axis=reduce_axes, keepdims=True)
+  x_gradient = gamma * inverse_std * (upstream - upstream_mean - normalized * projection)
+  count = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
+  return x_gradient, projection * count, upstream_mean * count
+
+
+_batch_normalize = xla_elementwise.fused(_batch_normalize_of)
+_batch_normalize_gradient = xla_elementwise.fused(_batch_normalize_gradient_of)
+
+
+def _normalize_with_batch_moments(inputs, gamma, beta, reduce_axes, epsilon):
+  """Training BN with statistics over `reduce_axes` (one replica): (float32 output, mean,
+  variance), the last two in the broadcast shape of gamma and beta.
+
+  For the attention layers' BNs over several axes (axis=[0, 2] on [3, batch, heads, length,
+  length], ...), which TF's fused kernels do not cover. Forward and gradient are one XLA
+  kernel each on large tensors, and the backward pass keeps only the input; op by op, the
+  moments, the normalisation and their gradients are a dozen passes, ~2.5x slower on the
+  pixel decoder's stride-16 axial attention (docs/benchmarks.md, issue #19):
+    dx = gamma r (g - mean(g) - x_hat mean(g x_hat)),  d gamma = sum(g x_hat),  d beta = sum(g),
+  means and sums over `reduce_axes`, r = 1 / sqrt(var + epsilon). Equal to the op-by-op
+  gradient to float32 rounding (tests/model/test_layers.py).
+  """
+  @tf.custom_gradient
+  def normalize(x, gamma, beta):
+    outputs, mean, variance = _batch_normalize(x, gamma, beta, reduce_axes, epsilon)
+
+    def gradient(upstream, *unused_statistics_upstream):
+      x_gradient, gamma_gradient, beta_gradient = _batch_normalize_gradient(
+          x, gamma, upstream, reduce_axes, epsilon)
+      return tf.cast(x_gradient, x.dtype), gamma_gradient, beta_gradient
+
+    return (outputs, mean, variance), gradient
+
+  return normalize(inputs, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
@@ -180,10 +232,10 @@ class BatchNorm(keras.layers.Layer):
     Differentiating BN and GELU one after the other keeps the normalised tensor (GELU's input)
     besides `inputs` (BN's) until the backward pass: one more full-size tensor per BN + GELU,
     ~0.5 GB of the kMaX-R50 step at 641x641, batch 2 (docs/benchmarks.md, issue #19). Here
-    the backward pass renormalises `inputs` with the batch moments (one fused inference-mode
-    pass) and calls TF's fused BN gradient with the forward's reserve spaces, as TF's own
-    gradient does; the result equals the op-by-op gradient to float32 rounding
-    (tests/model/test_layers.py).
+    the backward pass renormalises `inputs` with the batch moments inside the GELU gradient's
+    XLA kernel (activations.exact_gelu_backward) and calls TF's fused BN gradient with the
+    forward's reserve spaces, as TF's own gradient does; the result equals the op-by-op
+    gradient to float32 rounding (tests/model/test_layers.py).
     """
     x = _fused_kernel_input(inputs)
     epsilon = self.epsilon
@@ -198,9 +250,9 @@ class BatchNorm(keras.layers.Layer):
       outputs = activations.get_activation('gelu')(normalized)
 
       def gradient(upstream, *unused_statistics_upstream):
-        renormalized, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean=mean, variance=variance, epsilon=epsilon, is_training=False)
-        normalized_upstream = activations.exact_gelu_backward(renormalized, upstream)
+        scale = gamma * tf.math.rsqrt(variance + epsilon)
+        normalized_upstream = activations.exact_gelu_backward(
+            x, upstream, scale=scale, offset=beta - mean * scale)
         x_grad, gamma_grad, beta_grad, _, _ = tf.raw_ops.FusedBatchNormGradV3(
             y_backprop=normalized_upstream, x=x, scale=gamma, reserve_space_1=reserve_1,
             reserve_space_2=reserve_2, reserve_space_3=reserve_3, epsilon=epsilon,
@@ -251,8 +303,14 @@ class BatchNorm(keras.layers.Layer):
       shape = self._broadcast_shape(rank)
       gamma = tf.reshape(self.gamma, shape)
       beta = tf.reshape(self.beta, shape)
+      reduce_axes = [d for d in range(rank) if d not in axes]
+      if training and (not self.synchronized or _replica_context() is None):
+        outputs, mean, variance = _normalize_with_batch_moments(
+            inputs, gamma, beta, reduce_axes, self.epsilon)
+        self._update_moving_averages(tf.stop_gradient(mean), tf.stop_gradient(variance))
+        outputs = tf.cast(outputs, self.compute_dtype)
+        return activations.get_activation('gelu')(outputs) if then_gelu else outputs
       if training:
-        reduce_axes = [d for d in range(rank) if d not in axes]
         mean, variance = self._moments(x, reduce_axes)
         self._update_moving_averages(mean, variance)
       else:

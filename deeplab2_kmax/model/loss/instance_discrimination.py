@@ -16,6 +16,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from deeplab2_kmax.model.layers import xla_elementwise
 from deeplab2_kmax.model.loss import counter_random
 from deeplab2_kmax.model.loss import reduction
 from deeplab2_kmax.model.loss import targets as targets_lib
@@ -115,6 +116,22 @@ def pixel_contrastive_instance_discrimination(
   return reduction.mean_over_nonzero(cross_entropy, top_k_percent)
 
 
+def _row_log_sum_exp_of(logits):
+  row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
+  return tf.math.log(tf.reduce_sum(tf.exp(logits - row_max), axis=-1)) + row_max[..., 0]
+
+
+def _softmax_times_upstream_of(logits, log_sum_exp, upstream):
+  return upstream[..., None] * tf.exp(logits - log_sum_exp[..., None])
+
+
+# Each a pass or two over the [batch, k, k] logits as one XLA kernel, instead of TF's separate
+# max, subtract, exp and sum passes (0.31 -> 0.23 s forward, 0.51 -> 0.38 s backward at
+# k = 4096, batch 2, for each of kMaX's seven outputs; docs/benchmarks.md, issue #19).
+_row_log_sum_exp = xla_elementwise.fused(_row_log_sum_exp_of)
+_softmax_times_upstream = xla_elementwise.fused(_softmax_times_upstream_of)
+
+
 def similarity_log_sum_exp(feature: tf.Tensor, temperature: float) -> tf.Tensor:
   """logsumexp_j(f_i . f_j / temperature) for every row i, without keeping [k, k] tensors.
 
@@ -134,17 +151,16 @@ def similarity_log_sum_exp(feature: tf.Tensor, temperature: float) -> tf.Tensor:
   """
 
   def similarities(values):
-    return tf.einsum('bid,bjd->bij', values, values) / temperature
+    # The temperature scales the [batch, k, D] operand, not the [batch, k, k] product.
+    return tf.einsum('bid,bjd->bij', values / temperature, values)
 
   @tf.custom_gradient
   def log_sum_exp(values):
-    logits = similarities(values)
-    row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
-    result = tf.math.log(tf.reduce_sum(tf.exp(logits - row_max), axis=-1)) + row_max[..., 0]
+    result = _row_log_sum_exp(similarities(values))
 
     def gradient(upstream):
       # Only `values` and the [batch, k] result are kept from the forward pass.
-      weights = upstream[..., None] * tf.exp(similarities(values) - result[..., None])
+      weights = _softmax_times_upstream(similarities(values), result, upstream)
       return (tf.einsum('bij,bjd->bid', weights, values)
               + tf.einsum('bij,bid->bjd', weights, values)) / temperature
 

@@ -16,7 +16,7 @@ import keras
 
 from deeplab2_kmax import common
 from deeplab2_kmax.model.layers import blocks
-from deeplab2_kmax.model.layers import inference_fusion
+from deeplab2_kmax.model.layers import layer_norm
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resized_fuse
 
@@ -97,13 +97,13 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
 
   def call(self, endpoints, training=None):
     endpoints = dict(endpoints)
-    x = inference_fusion.layer_norm(self._backbone_norms[0], endpoints[self._endpoint_names[0]],
-                                    training)
+    x = layer_norm.layer_norm(self._backbone_norms[0], endpoints[self._endpoint_names[0]],
+                              training)
     for i in range(len(self.dims) - 1):
       x = self._stages[i](x, training=training)
       endpoints[common.decoder_stage_endpoint(common.ENCODER_OUTPUT_STRIDE >> i)] = x
-      skip = inference_fusion.layer_norm(self._backbone_norms[i + 1],
-                                         endpoints[self._endpoint_names[i + 1]], training)
+      skip = layer_norm.layer_norm(self._backbone_norms[i + 1],
+                                   endpoints[self._endpoint_names[i + 1]], training)
       x = self._skip_connections[i]([x, skip], training=training)
     endpoints[common.ENDPOINT_DECODER_OUTPUT] = self._stages[-1](x, training=training)
     return endpoints

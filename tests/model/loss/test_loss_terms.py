@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab2_kmax.model.layers import xla_elementwise
 from deeplab2_kmax.model.loss import instance_discrimination
 from deeplab2_kmax.model.loss import mask_id_cross_entropy
 from deeplab2_kmax.model.loss import matching
@@ -260,9 +261,12 @@ def test_pixel_contrastive_gradient_equals_dense_cross_entropy():
   np.testing.assert_allclose(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
 
 
-def test_similarity_log_sum_exp_gradient_and_memory():
+@pytest.mark.parametrize('xla', [False, True])
+def test_similarity_log_sum_exp_gradient_and_memory(xla, monkeypatch):
   # The hand-written backward pass equals TF's differentiation of reduce_logsumexp, and keeps
-  # no [batch, k, k] tensor from the forward pass (issue #19: 1.8 GB at 641x641, batch 2).
+  # no [batch, k, k] tensor from the forward pass (issue #19: 1.8 GB at 641x641, batch 2);
+  # with its [batch, k, k] passes as TF ops (small k) and as XLA kernels (large k).
+  monkeypatch.setattr(xla_elementwise, 'MIN_ELEMENTS', 0 if xla else 1 << 62)
   rng = np.random.RandomState(8)
   feature = tf.math.l2_normalize(tf.constant(rng.normal(size=(2, 50, 8)), tf.float32), -1)
   upstream = tf.constant(rng.normal(size=(2, 50)), tf.float32)
