@@ -30,6 +30,21 @@ def test_gelu_is_exact_erf_form():
   assert abs(float(approx[0]) - expected[0]) > 1e-4
 
 
+def assert_same_outputs_and_gradients(ours, reference, inputs, variables, upstream, rtol,
+                                      atol):
+  """ours(*inputs) and reference(*inputs) agree, and so do the gradients of
+  sum(output * upstream) with respect to the inputs and `variables`."""
+  results = []
+  for function in (ours, reference):
+    with tf.GradientTape() as tape:
+      tape.watch(inputs)
+      y = function(*inputs)
+      value = tf.reduce_sum(y * upstream)
+    results.append([y, *tape.gradient(value, [*inputs, *variables])])
+  for value, expected in zip(*results):
+    np.testing.assert_allclose(value, expected, rtol=rtol, atol=atol)
+
+
 def test_multi_axis_batch_norm_statistics_and_shapes():
   rng = np.random.RandomState(0)
   x = rng.normal(size=(3, 2, 4, 5, 5)).astype(np.float32) * 3 + 1
@@ -74,15 +89,8 @@ def test_multi_axis_batch_norm_gradient_equals_op_by_op_and_keeps_only_input(
     return ((t - mean) * tf.math.rsqrt(variance + 1e-3) * tf.reshape(bn.gamma, broadcast)
             + tf.reshape(bn.beta, broadcast))
 
-  results = []
-  for function in (lambda t: bn(t, training=True), reference):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      y = function(x)
-      value = tf.reduce_sum(y * upstream)
-    results.append([y, *tape.gradient(value, [x, bn.gamma, bn.beta])])
-  for ours, expected in zip(*results):
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+  assert_same_outputs_and_gradients(lambda t: bn(t, training=True), reference, [x],
+                                    [bn.gamma, bn.beta], upstream, rtol=1e-4, atol=1e-4)
   kept = retained_tensors.retained_for_backward(lambda t: bn(t, training=True),
                                                 tf.TensorSpec(shape, tf.float32))
   assert [kind for kind, kept_shape in kept if kept_shape == shape] == ['Placeholder'], kept
@@ -390,16 +398,10 @@ def test_depthwise_fast_kernel_gradient_equals_tf(kernel_size, shape):
   x = tf.constant(rng.normal(size=shape), tf.float32)
   kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 1)), tf.float32)
   upstream = tf.constant(rng.normal(size=shape), tf.float32)
-  results = []
-  for function in (convolutions._depthwise_same_with_fast_gradient,  # pylint: disable=protected-access
-                   lambda a, k: tf.nn.depthwise_conv2d(a, k, [1, 1, 1, 1], 'SAME')):
-    with tf.GradientTape() as tape:
-      tape.watch([x, kernel])
-      y = function(x, kernel)
-      value = tf.reduce_sum(y * upstream)
-    results.append([y, *tape.gradient(value, [x, kernel])])
-  for ours, reference in zip(*results):
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  assert_same_outputs_and_gradients(
+      convolutions._depthwise_same_with_fast_gradient,  # pylint: disable=protected-access
+      lambda a, k: tf.nn.depthwise_conv2d(a, k, [1, 1, 1, 1], 'SAME'), [x, kernel], [],
+      upstream, rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_layer_uses_fast_gradient_in_training_only():
@@ -433,16 +435,10 @@ def test_dilated_conv_by_taps_equals_tf(kernel_size, rate, shape):
   x = tf.constant(rng.normal(size=shape), tf.float32)
   kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 6)), tf.float32)
   upstream = tf.constant(rng.normal(size=shape[:3] + (6,)), tf.float32)
-  results = []
-  for function in (lambda a, k: convolutions.dilated_conv_by_taps(a, k, rate),
-                   lambda a, k: tf.nn.convolution(a, k, padding='SAME', dilations=rate)):
-    with tf.GradientTape() as tape:
-      tape.watch([x, kernel])
-      y = function(x, kernel)
-      value = tf.reduce_sum(y * upstream)
-    results.append([y, *tape.gradient(value, [x, kernel])])
-  for ours, reference in zip(*results):
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+  assert_same_outputs_and_gradients(
+      lambda a, k: convolutions.dilated_conv_by_taps(a, k, rate),
+      lambda a, k: tf.nn.convolution(a, k, padding='SAME', dilations=rate), [x, kernel], [],
+      upstream, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('size,by_taps', [(13, True), (41, False)])
@@ -478,16 +474,9 @@ def test_layer_norm_equals_keras_and_keeps_only_its_input(xla, monkeypatch):
   np.testing.assert_allclose(layer_norm.layer_norm(layer, x, training=False), expected,
                              rtol=1e-4, atol=1e-5)
   upstream = tf.constant(rng.normal(size=x.shape), tf.float32)
-  results = []
-  for function in (lambda t: layer_norm.layer_norm(layer, t, training=True),
-                   lambda t: layer(t, training=True)):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      y = function(x)
-      value = tf.reduce_sum(y * upstream)
-    results.append([y, *tape.gradient(value, [x, layer.gamma, layer.beta])])
-  for ours, reference in zip(*results):
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  assert_same_outputs_and_gradients(
+      lambda t: layer_norm.layer_norm(layer, t, training=True), lambda t: layer(t, training=True),
+      [x], [layer.gamma, layer.beta], upstream, rtol=1e-5, atol=1e-5)
   spec = tf.TensorSpec(x.shape, tf.float32)
   ours = retained_tensors.retained_for_backward(
       lambda t: layer_norm.layer_norm(layer, t, training=True), spec)
