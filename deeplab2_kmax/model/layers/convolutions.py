@@ -84,7 +84,7 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     # Keras convolves a dilated kernel through tf.nn.convolution's space-to-batch rewrite,
     # which at the ASPP's rates (6, 12, 18 on a 21 x 21 map) computes mostly padding and is
     # 2-10x slower than TF's own dilated Conv2D. That kernel's gradient exists only with
-    # oneDNN or on GPU, so training sums the kernel's in-image taps instead (as fast, any
+    # oneDNN or on GPU, so training sums the kernel's in-image taps instead (faster, any
     # device) where most taps read padding, and keeps Keras' path elsewhere (a rate-2 kernel
     # on a large map: little waste, and the taps would keep 9 shifted copies of x).
     by_taps = (dilated and training and kernel is None and self._conv.built
@@ -184,7 +184,7 @@ def dilated_conv_by_taps(x, kernel, rate):
   (641 crop, stride 32) at rates 6, 12 and 18 most taps read mostly padding, which both Keras'
   space-to-batch rewrite (which convolves the padding) and a dense dilated kernel pay for.
   Forward + backward of the three ASPP branches of kMaX-R50 at batch 2, 2048 -> 256 channels:
-  0.41 s, against 1.69 s through Keras' rewrite (docs/benchmarks.md, issue #19); autodiff of
+  0.20 s, against 1.69 s through Keras' rewrite (docs/benchmarks.md, issue #19); autodiff of
   the sum is the exact gradient on any device (TF's dilated Conv2D has a CPU gradient only
   with oneDNN).
 
@@ -200,6 +200,10 @@ def dilated_conv_by_taps(x, kernel, rate):
   height, width = x.shape[1], x.shape[2]
   if height is None or width is None:
     raise ValueError(f'dilated_conv_by_taps needs a static height and width, got {x.shape}.')
+  # Unstacked once and windows cut with tf.slice: their gradients are one stack and a pad,
+  # where per-tap strided slices would each write a zero-filled kernel- or input-sized
+  # gradient (0.4 s of the ASPP's backward pass).
+  taps = tf.unstack(tf.reshape(kernel, [size * size, 1, 1, *kernel.shape[2:]]))
   terms = []
   for i in range(size):
     for j in range(size):
@@ -209,8 +213,8 @@ def dilated_conv_by_taps(x, kernel, rate):
         continue
       # Output pixel (r, c) reads input pixel (r + row_shift, c + col_shift).
       top, left = max(row_shift, 0), max(col_shift, 0)
-      window = x[:, top:top + rows, left:left + cols, :]
-      term = tf.nn.conv2d(window, kernel[i:i + 1, j:j + 1], 1, 'VALID')
+      window = tf.slice(x, [0, top, left, 0], [-1, rows, cols, -1])
+      term = tf.nn.conv2d(window, taps[i * size + j], 1, 'VALID')
       out_top, out_left = max(-row_shift, 0), max(-col_shift, 0)
       terms.append(tf.pad(term, [[0, 0], [out_top, height - rows - out_top],
                                  [out_left, width - cols - out_left], [0, 0]]))
