@@ -56,6 +56,7 @@ from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.config import flags as config_flags
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.export import serving_module
@@ -348,11 +349,11 @@ def predict_files(predictor: Predictor, files: list[str], output_dir: str,
       continue
     panoptic = predictions[common.PRED_PANOPTIC]
     ids, annotation = segments_info(panoptic, predictions, descriptor, f'{stem}.png', stem)
-    formats.write_png(os.path.join(output_dir, PANOPTIC_DIR, f'{stem}.png'),
-                      panoptic_rgb.id_to_rgb(ids))
+    png_encoding.write_png(os.path.join(output_dir, PANOPTIC_DIR, f'{stem}.png'),
+                           panoptic_rgb.id_to_rgb(ids))
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-    formats.write_png(os.path.join(output_dir, OVERLAY_DIR, f'{stem}.png'),
-                      overlay_with_legend(image, panoptic, descriptor))
+    png_encoding.write_png(os.path.join(output_dir, OVERLAY_DIR, f'{stem}.png'),
+                           overlay_with_legend(image, panoptic, descriptor))
     with tf.io.gfile.GFile(os.path.join(output_dir, SEGMENTS_DIR, f'{stem}.json'), 'w') as f:
       json.dump(annotation, f, indent=1)
     annotations.append(annotation)
