@@ -55,6 +55,7 @@ from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.config import flags as config_flags
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.formats import panoptic_rgb
 from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.data.formats import tfrecord
@@ -359,7 +360,7 @@ def predict_files(predictor: Predictor, files: list[str], output_dir: str,
     annotations.append(annotation)
     progress.update()
   progress.close()
-  document = formats.coco_panoptic_json(annotations, formats.coco_categories(descriptor))
+  document = formats.coco_panoptic_json(annotations, coco_panoptic.coco_categories(descriptor))
   with tf.io.gfile.GFile(os.path.join(output_dir, PANOPTIC_JSON), 'w') as f:
     json.dump(document, f)
   if failures:

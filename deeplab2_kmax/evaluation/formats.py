@@ -16,8 +16,9 @@ dataset's own category ids (`DatasetDescriptor.category_ids`), since COCO ids ha
 (1..200, 133 used) and Cityscapes uses label ids 7..33.
 
 What is not evaluation's is data/formats': reading COCO panoptic PNGs and annotations
-(coco_panoptic.read_panoptic_png, read_panoptic_annotation), the segment-id colours
-(panoptic_rgb), PNG files (png_encoding.read_png, write_png) and PanopticFormatError.
+(coco_panoptic.read_panoptic_png, read_panoptic_annotation), a dataset's COCO categories
+(coco_panoptic.coco_categories), the segment-id colours (panoptic_rgb), PNG files
+(png_encoding.read_png, write_png) and PanopticFormatError.
 """
 
 import dataclasses
@@ -68,27 +69,6 @@ class LabelSpace:
                num_classes=descriptor.num_classes,
                category_ids=tuple(descriptor.category_ids),
                class_has_instances=tuple(descriptor.class_has_instances))
-
-  def evaluated_train_ids(self) -> tuple[int, ...]:
-    return tuple(i for i in range(self.num_classes) if i != self.ignore_label)
-
-
-def coco_categories(descriptor, use_train_ids: bool = False) -> list[dict[str, Any]]:
-  """The `categories` list of a COCO panoptic JSON for a dataset (the ignore label left out).
-
-  Args:
-    descriptor: A DatasetDescriptor.
-    use_train_ids: Key categories by contiguous train id instead of dataset category id.
-  """
-  categories = []
-  for train_id in LabelSpace.from_descriptor(descriptor).evaluated_train_ids():
-    categories.append({
-        'id': train_id if use_train_ids else int(descriptor.category_ids[train_id]),
-        'name': descriptor.class_names[train_id],
-        'isthing': int(bool(descriptor.class_has_instances[train_id])),
-        'color': list(descriptor.colors[train_id]),
-    })
-  return categories
 
 
 def segments_from_panoptic_label(
@@ -485,5 +465,6 @@ class PanopticPredictionWriter:
     if directory:
       os.makedirs(directory, exist_ok=True)
     with open(self.json_path, 'w') as f:
-      json.dump(coco_panoptic_json(self.annotations, coco_categories(self.descriptor)), f)
+      json.dump(coco_panoptic_json(self.annotations,
+                                   coco_panoptic.coco_categories(self.descriptor)), f)
     return self.json_path

@@ -310,7 +310,7 @@ class PanopticQualityAccumulator:
   @classmethod
   def from_descriptor(cls, descriptor) -> 'PanopticQualityAccumulator':
     """An accumulator over the descriptor's classes, keyed by dataset category id."""
-    categories = {c['id']: c for c in formats.coco_categories(descriptor)}
+    categories = {c['id']: c for c in coco_panoptic.coco_categories(descriptor)}
     return cls(categories, formats.LabelSpace.from_descriptor(descriptor))
 
   def reset(self) -> None:

@@ -70,7 +70,7 @@ def _write_mmdetection_case(tmp_path):
   annotation = formats.write_coco_panoptic(panoptic, descriptor, 0, 'fake_name1.png',
                                            str(tmp_path / 'pred'))
   (tmp_path / 'pred.json').write_text(json.dumps(
-      formats.coco_panoptic_json([annotation], formats.coco_categories(descriptor))))
+      formats.coco_panoptic_json([annotation], coco_format.coco_categories(descriptor))))
   return dict(gt_json=tmp_path / 'gt.json', gt_folder=tmp_path / 'gt',
               pred_json=tmp_path / 'pred.json', pred_folder=tmp_path / 'pred')
 

@@ -72,7 +72,7 @@ def test_coco_writer_maps_train_ids_back_to_category_ids(tmp_path):
   annotation = formats.write_coco_panoptic(panoptic, COCO, 7, 'a.png', str(tmp_path))
   assert [(s['category_id'], s['area']) for s in annotation['segments_info']] == [
       (1, 6), (90, 6), (200, 12)]
-  categories = {c['id']: c for c in formats.coco_categories(COCO)}
+  categories = {c['id']: c for c in coco_format.coco_categories(COCO)}
   assert len(categories) == 133 and 0 not in categories
   assert categories[90]['isthing'] == 1 and categories[200]['isthing'] == 0
   back = coco_format.read_panoptic_annotation(
@@ -162,6 +162,6 @@ def test_cityscapes_writer_layout(tmp_path):
 def test_descriptor_categories_for_a_custom_dataset():
   descriptor = evaluation_testing.make_descriptor(3, things=(1,), ignore_label=0,
                                                   category_ids=(0, 10, 20))
-  assert [(c['id'], c['isthing']) for c in formats.coco_categories(descriptor)] == [
+  assert [(c['id'], c['isthing']) for c in coco_format.coco_categories(descriptor)] == [
       (10, 1), (20, 0)]
-  assert [c['id'] for c in formats.coco_categories(descriptor, use_train_ids=True)] == [1, 2]
+  assert [c['id'] for c in coco_format.coco_categories(descriptor, use_train_ids=True)] == [1, 2]

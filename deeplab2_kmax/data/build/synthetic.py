@@ -25,7 +25,7 @@ from absl import flags
 import numpy as np
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import class_tables
+from deeplab2_kmax.data import datasets
 from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.formats import panoptic_rgb
 from deeplab2_kmax.data.formats import png_encoding
@@ -72,21 +72,21 @@ def render_example(job):
 
 
 def coco_categories():
-  return [{'id': cid, 'name': name, 'isthing': int(is_thing), 'color': list(color),
-           'supercategory': 'thing' if is_thing else 'stuff'}
-          for cid, name, is_thing, color in class_tables.SYNTHETIC_CATEGORIES if cid != 0]
+  """The COCO "categories" of the synthetic dataset, with a "supercategory" as COCO's have."""
+  descriptor = datasets.get_built_in(datasets.SYNTHETIC_PANOPTIC)
+  return [dict(c, supercategory='thing' if c['isthing'] else 'stuff')
+          for c in coco_panoptic.coco_categories(descriptor)]
 
 
 def parse_size(text: str) -> tuple[int, int]:
+  """(height, width) of --size, "S" (square) or "H,W", read as any crop size is."""
   try:
-    values = [int(v) for v in text.split(',')]
+    height, width = datasets.crop_size_of(text.split(','), '--size')
   except ValueError:
-    values = []
-  if len(values) == 1:
-    values = values * 2
-  if len(values) != 2 or min(values) < 17:
+    height = width = 0
+  if min(height, width) < 17:
     raise ValueError(f'--size="{text}" must be "S" or "H,W" with sides >= 17')
-  return values[0], values[1]
+  return height, width
 
 
 def build(output_dir: str, num_train: int, num_val: int, height: int = 129, width: int = 129,

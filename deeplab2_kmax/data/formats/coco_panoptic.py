@@ -244,6 +244,23 @@ def read_categories(data: dict, path: str, require_isthing: bool = True) -> list
   return result
 
 
+def coco_categories(descriptor, use_train_ids: bool = False) -> list[dict]:
+  """The "categories" list of a COCO panoptic JSON for a dataset (read_categories reads it).
+
+  Args:
+    descriptor: A DatasetDescriptor; every train id but its ignore label gets an entry.
+    use_train_ids: Key categories by contiguous train id instead of dataset category id.
+
+  Returns:
+    [{"id", "name", "isthing": 0 or 1, "color": [r, g, b]}, ...] in train-id order.
+  """
+  return [{'id': train_id if use_train_ids else int(descriptor.category_ids[train_id]),
+           'name': descriptor.class_names[train_id],
+           'isthing': int(bool(descriptor.class_has_instances[train_id])),
+           'color': list(descriptor.colors[train_id])}
+          for train_id in range(descriptor.num_classes) if train_id != descriptor.ignore_label]
+
+
 def _segments(annotation: dict, where: str, path: str) -> tuple:
   segments = annotation.get('segments_info')
   if not isinstance(segments, list):
