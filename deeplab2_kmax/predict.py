@@ -68,7 +68,6 @@ SEGMENTS_DIR = 'segments'
 PANOPTIC_JSON = 'panoptic.json'
 # Overlays of small images are enlarged (nearest) to at least this height, so they can be read.
 MIN_OVERLAY_HEIGHT = 256
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 
 
 class BadInputError(ValueError):
@@ -198,7 +197,7 @@ def resolve_inputs(pattern: str) -> list[str]:
   out; any other file it matches is an input, reported if it is no image)."""
   if tf.io.gfile.isdir(pattern):
     files = [os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
-             if name.lower().endswith(_IMAGE_EXTENSIONS)]
+             if name.lower().endswith(coco_panoptic.IMAGE_EXTENSIONS)]
   else:
     files = [path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path)]
   files = sorted(files)

@@ -337,14 +337,16 @@ def read_panoptic_json(path: str, png_dir: str, images_dir: Optional[str],
   return PanopticJson(path, data.get('categories') or [], jobs, defects)
 
 
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+# File endings of the images tf.io.decode_image reads (lower case): what the converters and
+# predict take as images in a folder.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
 def _stems(folder: Optional[str]) -> dict:
   if not folder or not os.path.isdir(folder):
     return {}
   return {os.path.splitext(name)[0]: name for name in sorted(os.listdir(folder))
-          if name.lower().endswith(_IMAGE_EXTENSIONS)}
+          if name.lower().endswith(IMAGE_EXTENSIONS)}
 
 
 def list_images(folder: str, suffix: str = '') -> list[str]:
@@ -353,7 +355,7 @@ def list_images(folder: str, suffix: str = '') -> list[str]:
   for root, _, names in os.walk(folder):
     for name in names:
       stem, ext = os.path.splitext(name)
-      if ext.lower() in _IMAGE_EXTENSIONS and stem.endswith(suffix):
+      if ext.lower() in IMAGE_EXTENSIONS and stem.endswith(suffix):
         found.append(os.path.join(root, name))
   return sorted(found)
 
