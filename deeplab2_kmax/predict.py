@@ -55,7 +55,9 @@ from deeplab2_kmax.checkpoint import layout as checkpoint_layout
 from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.checkpoint import paths as checkpoint_paths
 from deeplab2_kmax.config import flags as config_flags
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.export import serving_module
@@ -66,7 +68,6 @@ SEGMENTS_DIR = 'segments'
 PANOPTIC_JSON = 'panoptic.json'
 # Overlays of small images are enlarged (nearest) to at least this height, so they can be read.
 MIN_OVERLAY_HEIGHT = 256
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 
 
 class BadInputError(ValueError):
@@ -196,7 +197,7 @@ def resolve_inputs(pattern: str) -> list[str]:
   out; any other file it matches is an input, reported if it is no image)."""
   if tf.io.gfile.isdir(pattern):
     files = [os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
-             if name.lower().endswith(_IMAGE_EXTENSIONS)]
+             if name.lower().endswith(coco_panoptic.IMAGE_EXTENSIONS)]
   else:
     files = [path for path in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(path)]
   files = sorted(files)
@@ -348,17 +349,17 @@ def predict_files(predictor: Predictor, files: list[str], output_dir: str,
       continue
     panoptic = predictions[common.PRED_PANOPTIC]
     ids, annotation = segments_info(panoptic, predictions, descriptor, f'{stem}.png', stem)
-    formats.write_png(os.path.join(output_dir, PANOPTIC_DIR, f'{stem}.png'),
-                      panoptic_rgb.id_to_rgb(ids))
+    png_encoding.write_png(os.path.join(output_dir, PANOPTIC_DIR, f'{stem}.png'),
+                           panoptic_rgb.id_to_rgb(ids))
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-    formats.write_png(os.path.join(output_dir, OVERLAY_DIR, f'{stem}.png'),
-                      overlay_with_legend(image, panoptic, descriptor))
+    png_encoding.write_png(os.path.join(output_dir, OVERLAY_DIR, f'{stem}.png'),
+                           overlay_with_legend(image, panoptic, descriptor))
     with tf.io.gfile.GFile(os.path.join(output_dir, SEGMENTS_DIR, f'{stem}.json'), 'w') as f:
       json.dump(annotation, f, indent=1)
     annotations.append(annotation)
     progress.update()
   progress.close()
-  document = formats.coco_panoptic_json(annotations, formats.coco_categories(descriptor))
+  document = formats.coco_panoptic_json(annotations, coco_panoptic.coco_categories(descriptor))
   with tf.io.gfile.GFile(os.path.join(output_dir, PANOPTIC_JSON), 'w') as f:
     json.dump(document, f)
   if failures:

@@ -12,6 +12,7 @@ from deeplab2_kmax import common
 from deeplab2_kmax.data import datasets
 from deeplab2_kmax.model import builder
 from deeplab2_kmax.model import recompute
+from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
 from deeplab2_kmax.protos import config_pb2
 
 AUTOAUGMENT_POLICIES = ('', 'simple_classification_policy',
@@ -35,14 +36,6 @@ class Problem:
 
 def nearest_valid_crop(size: int) -> int:
   return max(1, round((size - 1) / common.ENCODER_OUTPUT_STRIDE)) * common.ENCODER_OUTPUT_STRIDE + 1
-
-
-def pixel_decoder_strides(high_resolution_output_stride: int) -> list[int]:
-  """Strides of the pixel-decoder stages, from 32 down to the high-resolution stride."""
-  strides = [common.ENCODER_OUTPUT_STRIDE]
-  while strides[-1] > high_resolution_output_stride:
-    strides.append(strides[-1] // 2)
-  return strides
 
 
 def _in_unit_interval(value, low_open=False):
@@ -176,16 +169,27 @@ def _check_clustering_decoder(c: _Checker, meta, field: str):
   c.check(meta.num_cluster_centers > 0, f'{field}.num_cluster_centers',
           f'is {meta.num_cluster_centers}; it must be positive')
   hr = meta.high_resolution_output_stride
-  if not c.check(hr in (2, 4, 8, 16, 32), f'{field}.high_resolution_output_stride',
-                 f'is {hr}; use 2, 4, 8, 16 or 32'):
+  valid_strides = sorted(kmax_pixel_decoder.STAGE_STRIDES)
+  if not c.check(hr in valid_strides, f'{field}.high_resolution_output_stride',
+                 f'is {hr}; use {", ".join(map(str, valid_strides[:-1]))} or '
+                 f'{valid_strides[-1]}'):
     return
-  strides = pixel_decoder_strides(hr)
+  strides = kmax_pixel_decoder.stage_strides(hr)
+  has_defaults = hr in kmax_pixel_decoder.STRIDES_WITH_DEFAULTS
   pd = meta.pixel_decoder
   for name in ('dims', 'num_blocks', 'block_types'):
     values = list(getattr(pd, name))
-    c.check(len(values) in (0, len(strides)), f'{field}.pixel_decoder.{name}',
-            f'has {len(values)} entries, but high_resolution_output_stride {hr} gives '
-            f'{len(strides)} decoder stages (strides {strides}); give {len(strides)} or none')
+    if values or has_defaults:
+      c.check(len(values) in (0, len(strides)), f'{field}.pixel_decoder.{name}',
+              f'has {len(values)} entries, but high_resolution_output_stride {hr} gives '
+              f'{len(strides)} decoder stages (strides {strides}); give {len(strides)} or none')
+    else:
+      # The builder would stop on it: DeepLab2's defaults exist for these strides only.
+      c.check(False, f'{field}.pixel_decoder.{name}',
+              f'is empty, and high_resolution_output_stride {hr} has no default decoder '
+              f'(DeepLab2 defines one for '
+              f'{" and ".join(map(str, kmax_pixel_decoder.STRIDES_WITH_DEFAULTS))}); give '
+              f'{len(strides)} entries, one per decoder stage (strides {strides})')
   c.check(all(v > 0 for v in pd.dims), f'{field}.pixel_decoder.dims', 'must be positive')
   c.check(all(v > 0 for v in pd.num_blocks), f'{field}.pixel_decoder.num_blocks',
           'must be positive')

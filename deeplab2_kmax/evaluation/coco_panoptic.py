@@ -24,8 +24,8 @@ from absl import app
 from absl import flags
 
 from deeplab2_kmax import command_line
+from deeplab2_kmax.data.formats.coco_panoptic import PanopticFormatError
 from deeplab2_kmax.evaluation import panoptic_quality
-from deeplab2_kmax.evaluation.formats import PanopticFormatError
 
 # Command-line flags, defined only when run as a program (importing this module for its
 # `evaluate` function must not touch the global absl flag registry).

@@ -15,8 +15,10 @@ Segments leave the model with contiguous train ids; every writer maps them back 
 dataset's own category ids (`DatasetDescriptor.category_ids`), since COCO ids have gaps
 (1..200, 133 used) and Cityscapes uses label ids 7..33.
 
-PNG files are read and written with TensorFlow, imported on first use, so that evaluation
-workers that never touch a PNG do not pay for the import.
+What is not evaluation's is data/formats': reading COCO panoptic PNGs and annotations
+(coco_panoptic.read_panoptic_png, read_panoptic_annotation), a dataset's COCO categories
+(coco_panoptic.coco_categories), the segment-id colours (panoptic_rgb), PNG files
+(png_encoding.read_png, write_png) and PanopticFormatError.
 """
 
 import dataclasses
@@ -26,66 +28,17 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
+from deeplab2_kmax.data.formats.coco_panoptic import PanopticFormatError
 
-# Segment id of unlabelled pixels in COCO-format PNGs (panopticapi's VOID).
-VOID = 0
 # Cityscapes panoptic ids: stuff segments use the label id, things label_id * 1000 + instance
 # (cityscapesScripts' createPanopticImgs.py layout).
 CITYSCAPES_INSTANCE_DIVISOR = 1000
 
 
-class PanopticFormatError(ValueError):
-  """Panoptic input that the official scripts would reject; the message names file and segment."""
-
-
-# ---- PNG (segment ids <-> RGB: data/formats/panoptic_rgb.py) ----
-
-
-def read_png(path: str) -> np.ndarray:
-  """Decodes an 8-bit PNG to `[height, width, channels]` uint8 (channels as stored)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see module docstring)
-  try:
-    data = tf.io.read_file(path)
-  except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
-    raise FileNotFoundError(f'cannot read PNG "{path}": {error.message}') from None
-  try:
-    return tf.io.decode_png(data, channels=0, dtype=tf.uint8).numpy()
-  except tf.errors.InvalidArgumentError as error:
-    raise PanopticFormatError(f'"{path}" is not a decodable 8-bit PNG: {error.message}') from None
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-  """Writes `[height, width]` or `[height, width, channels]` uint8 as a lossless PNG."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f'PNG writer expects uint8, got {image.dtype} for "{path}"')
-  if image.ndim == 2:
-    image = image[..., None]
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  tf.io.write_file(path, tf.io.encode_png(image))
-
-
-def read_panoptic_png(path: str) -> np.ndarray:
-  """Reads a COCO-format panoptic PNG as `[height, width]` int64 segment ids."""
-  image = read_png(path)
-  if image.shape[2] < 3:
-    raise PanopticFormatError(f'panoptic PNG "{path}" has {image.shape[2]} channel(s); COCO '
-                              'panoptic PNGs are RGB with id = R + 256*G + 256^2*B')
-  return panoptic_rgb.rgb_to_id(image)
-
-
 # ---- Panoptic label maps <-> segments ----
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-  """COCO box [x, y, width, height] of a non-empty `[height, width]` boolean mask."""
-  rows = np.flatnonzero(mask.any(axis=1))
-  cols = np.flatnonzero(mask.any(axis=0))
-  return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,27 +69,6 @@ class LabelSpace:
                num_classes=descriptor.num_classes,
                category_ids=tuple(descriptor.category_ids),
                class_has_instances=tuple(descriptor.class_has_instances))
-
-  def evaluated_train_ids(self) -> tuple[int, ...]:
-    return tuple(i for i in range(self.num_classes) if i != self.ignore_label)
-
-
-def coco_categories(descriptor, use_train_ids: bool = False) -> list[dict[str, Any]]:
-  """The `categories` list of a COCO panoptic JSON for a dataset (the ignore label left out).
-
-  Args:
-    descriptor: A DatasetDescriptor.
-    use_train_ids: Key categories by contiguous train id instead of dataset category id.
-  """
-  categories = []
-  for train_id in LabelSpace.from_descriptor(descriptor).evaluated_train_ids():
-    categories.append({
-        'id': train_id if use_train_ids else int(descriptor.category_ids[train_id]),
-        'name': descriptor.class_names[train_id],
-        'isthing': int(bool(descriptor.class_has_instances[train_id])),
-        'color': list(descriptor.colors[train_id]),
-    })
-  return categories
 
 
 def segments_from_panoptic_label(
@@ -210,7 +142,7 @@ def segments_from_panoptic_label(
   for segment in segments:
     segment['area'] = int(areas[segment['id']])
     if with_bbox:
-      segment['bbox'] = _bbox(ids == segment['id'])
+      segment['bbox'] = coco_panoptic.segment_bbox(ids == segment['id'])
   return ids, segments
 
 
@@ -238,7 +170,7 @@ def write_coco_panoptic(panoptic: np.ndarray,
   """
   ids, segments = segments_from_panoptic_label(
       panoptic, LabelSpace.from_descriptor(descriptor), is_crowd=is_crowd, image_name=file_name)
-  write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
+  png_encoding.write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
   return {'image_id': image_id, 'file_name': file_name, 'segments_info': segments}
 
 
@@ -250,38 +182,6 @@ def coco_panoptic_json(annotations: Sequence[Mapping[str, Any]],
     images = [{'id': a['image_id'], 'file_name': a['file_name']} for a in annotations]
   return {'images': list(images), 'annotations': list(annotations),
           'categories': list(categories)}
-
-
-def read_coco_panoptic(annotation: Mapping[str, Any], png_folder: str,
-                       categories: Mapping[int, Mapping[str, Any]],
-                       label_space: LabelSpace) -> np.ndarray:
-  """Reads a COCO panoptic annotation back into a `[height, width]` panoptic label map.
-
-  Instances are numbered 1, 2, ... per thing category in segment order; stuff gets instance 0.
-  Crowd segments keep their category (callers needing the crowd mask use the segment infos).
-  """
-  ids = read_panoptic_png(os.path.join(png_folder, annotation['file_name']))
-  train_id_of = {int(c): t for t, c in enumerate(label_space.category_ids)
-                 if t != label_space.ignore_label}
-  panoptic = np.full(ids.shape, label_space.ignore_label * label_space.label_divisor, np.int64)
-  next_instance = {}
-  for segment in annotation['segments_info']:
-    category = segment['category_id']
-    if category not in train_id_of or category not in categories:
-      raise PanopticFormatError(
-          f'{annotation["file_name"]}: segment {segment["id"]} has category {category}, '
-          f'which the dataset does not know')
-    train_id = train_id_of[category]
-    instance = 0
-    if label_space.class_has_instances[train_id]:
-      instance = next_instance.get(train_id, 1)
-      next_instance[train_id] = instance + 1
-      if instance >= label_space.label_divisor:
-        raise PanopticFormatError(
-            f'{annotation["file_name"]}: more than {label_space.label_divisor - 1} segments of '
-            f'category {category} do not fit label_divisor {label_space.label_divisor}')
-    panoptic[ids == segment['id']] = train_id * label_space.label_divisor + instance
-  return panoptic
 
 
 # ---- Cityscapes panoptic ----
@@ -352,12 +252,12 @@ def write_cityscapes_panoptic(panoptic: np.ndarray, descriptor, image_id: str,
   """
   file_name = file_name or f'{image_id}_panoptic.png'
   ids = cityscapes_ids_from_panoptic_label(panoptic, descriptor, is_crowd, image_name=file_name)
-  write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
+  png_encoding.write_png(os.path.join(png_folder, file_name), panoptic_rgb.id_to_rgb(ids))
   thing_label_ids = {int(c) for c, is_thing in zip(descriptor.category_ids,
                                                    descriptor.class_has_instances) if is_thing}
   segments = []
   for segment_id in np.unique(ids).tolist():
-    if segment_id == VOID:
+    if segment_id == panoptic_rgb.VOID:
       continue
     mask = ids == segment_id
     if segment_id < CITYSCAPES_INSTANCE_DIVISOR:
@@ -365,7 +265,7 @@ def write_cityscapes_panoptic(panoptic: np.ndarray, descriptor, image_id: str,
     else:
       category, iscrowd = segment_id // CITYSCAPES_INSTANCE_DIVISOR, 0
     segments.append({'id': segment_id, 'category_id': category, 'iscrowd': iscrowd,
-                     'area': int(mask.sum()), 'bbox': _bbox(mask)})
+                     'area': int(mask.sum()), 'bbox': coco_panoptic.segment_bbox(mask)})
   return {'image_id': image_id, 'file_name': file_name, 'segments_info': segments}
 
 
@@ -398,9 +298,9 @@ def two_channel_from_panoptic_label(panoptic: np.ndarray, descriptor,
     lookup = np.asarray(label_space.category_ids, np.int64)
     inside = (train_ids >= 0) & (train_ids < label_space.num_classes)
     category = np.where(inside, lookup[np.clip(train_ids, 0, label_space.num_classes - 1)], -1)
-    category[void] = VOID
+    category[void] = panoptic_rgb.VOID
     instances = np.where(void, 0, instances)
-    if (~void & (category == VOID)).any():
+    if (~void & (category == panoptic_rgb.VOID)).any():
       raise PanopticFormatError(f'{image_name}: a class maps to category id 0, which the '
                                 'two-channel format reserves for VOID')
   for name, values in (('category', category), ('instance', instances)):
@@ -417,8 +317,8 @@ def two_channel_from_panoptic_label(panoptic: np.ndarray, descriptor,
 def write_two_channel_png(panoptic: np.ndarray, descriptor, path: str,
                           use_train_ids: bool = False) -> None:
   """Writes two_channel_from_panoptic_label(...) to `path`."""
-  write_png(path, two_channel_from_panoptic_label(panoptic, descriptor, use_train_ids,
-                                                  image_name=path))
+  png_encoding.write_png(path, two_channel_from_panoptic_label(panoptic, descriptor,
+                                                               use_train_ids, image_name=path))
 
 
 # Values of EvaluatorOptions.raw_panoptic_format (protos/evaluator.proto), as in DeepLab2.
@@ -459,7 +359,8 @@ def write_raw_panoptic(panoptic: np.ndarray, descriptor, path_without_extension:
   classes = train_ids
   if convert_to_eval_ids:
     lookup = np.asarray(label_space.category_ids, np.int64)
-    classes = np.where(void, VOID, lookup[np.clip(train_ids, 0, label_space.num_classes - 1)])
+    classes = np.where(void, panoptic_rgb.VOID,
+                       lookup[np.clip(train_ids, 0, label_space.num_classes - 1)])
   instances = panoptic % label_space.label_divisor
   instances[void] = 0
   directory = os.path.dirname(path_without_extension)
@@ -474,13 +375,13 @@ def write_raw_panoptic(panoptic: np.ndarray, descriptor, path_without_extension:
                               'above 65535 do not fit the three-channel PNG; use '
                               'two_channel_numpy_array')
   image = np.stack([classes, instances // 256, instances % 256], axis=-1).astype(np.uint8)
-  write_png(path_without_extension + '.png', image)
+  png_encoding.write_png(path_without_extension + '.png', image)
   return path_without_extension + '.png'
 
 
 def segments_from_two_channel(two_channel: np.ndarray,
                               categories: Mapping[int, Mapping[str, Any]],
-                              void: int = VOID,
+                              void: int = panoptic_rgb.VOID,
                               image_name: str = '') -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Converts a two-channel image to COCO segment ids and infos (panopticapi's converter).
 
@@ -511,7 +412,7 @@ def segments_from_two_channel(two_channel: np.ndarray,
     mask = pairs == pair
     ids[mask] = len(segments) + 1
     segments.append({'id': len(segments) + 1, 'category_id': category, 'iscrowd': 0,
-                     'area': int(mask.sum()), 'bbox': _bbox(mask)})
+                     'area': int(mask.sum()), 'bbox': coco_panoptic.segment_bbox(mask)})
   return ids, segments
 
 
@@ -564,5 +465,6 @@ class PanopticPredictionWriter:
     if directory:
       os.makedirs(directory, exist_ok=True)
     with open(self.json_path, 'w') as f:
-      json.dump(coco_panoptic_json(self.annotations, coco_categories(self.descriptor)), f)
+      json.dump(coco_panoptic_json(self.annotations,
+                                   coco_panoptic.coco_categories(self.descriptor)), f)
     return self.json_path

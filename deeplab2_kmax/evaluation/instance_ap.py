@@ -23,6 +23,7 @@ from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 from pycocotools import mask as mask_lib
 
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.evaluation import formats
 
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'AP_small', 'AP_medium', 'AP_large',
@@ -186,7 +187,7 @@ class InstanceAPAccumulator:
   def gt_dataset(self) -> dict[str, Any]:
     """The COCO instance GT of everything added so far."""
     annotations = [dict(a, id=i + 1) for i, a in enumerate(self.annotations)]
-    categories = [c for c in formats.coco_categories(self.descriptor) if c['isthing']]
+    categories = [c for c in coco_panoptic.coco_categories(self.descriptor) if c['isthing']]
     return {'images': list(self.images), 'annotations': annotations, 'categories': categories}
 
   def write_json(self, detections_path: str, gt_path: Optional[str] = None) -> None:

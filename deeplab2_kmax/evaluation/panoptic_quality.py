@@ -51,11 +51,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from deeplab2_kmax import common
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats.coco_panoptic import PanopticFormatError
 from deeplab2_kmax.evaluation import formats
-from deeplab2_kmax.evaluation.formats import PanopticFormatError
 
 OFFSET = 256 ** 3
-VOID = formats.VOID
 IOU_THRESHOLD = 0.5
 
 # Names of the averages, as in the official scripts' results and printed table.
@@ -211,7 +212,7 @@ def evaluate_image(gt_ids: np.ndarray,
   labels, counts = np.unique(pred_ids, return_counts=True)
   for label, count in zip(labels.tolist(), counts.tolist()):
     if label not in pred_segms:
-      if label == VOID:
+      if label == panoptic_rgb.VOID:
         continue
       raise PanopticFormatError(
           f'{image_name}: segment id {label} is in the prediction PNG ({count} pixels) but not '
@@ -248,7 +249,7 @@ def evaluate_image(gt_ids: np.ndarray,
     if category != pred_segms[pred_label]['category_id']:
       continue
     union = (pred_areas[pred_label] + gt_segment['area'] - intersection -
-             gt_pred_map.get((VOID, pred_label), 0))
+             gt_pred_map.get((panoptic_rgb.VOID, pred_label), 0))
     iou = intersection / union
     if iou > IOU_THRESHOLD:
       stats.per_category[category].tp += 1
@@ -270,7 +271,7 @@ def evaluate_image(gt_ids: np.ndarray,
     if pred_label in pred_matched:
       continue
     category = pred_segment['category_id']
-    ignored = gt_pred_map.get((VOID, pred_label), 0)
+    ignored = gt_pred_map.get((panoptic_rgb.VOID, pred_label), 0)
     if category in crowd_by_category:
       ignored += gt_pred_map.get((crowd_by_category[category], pred_label), 0)
     if ignored / pred_areas[pred_label] > 0.5:
@@ -309,7 +310,7 @@ class PanopticQualityAccumulator:
   @classmethod
   def from_descriptor(cls, descriptor) -> 'PanopticQualityAccumulator':
     """An accumulator over the descriptor's classes, keyed by dataset category id."""
-    categories = {c['id']: c for c in formats.coco_categories(descriptor)}
+    categories = {c['id']: c for c in coco_panoptic.coco_categories(descriptor)}
     return cls(categories, formats.LabelSpace.from_descriptor(descriptor))
 
   def reset(self) -> None:
@@ -368,12 +369,12 @@ def _evaluate_pair(pair: _ImagePair, gt_folder: str, pred_folder: str,
   pred_path = os.path.join(pred_folder, pair.pred_annotation['file_name'])
   name = f'{_describe(pair.pred_annotation)}, prediction PNG {pred_path}'
   try:
-    gt_ids = formats.read_panoptic_png(gt_path)
+    gt_ids = coco_panoptic.read_panoptic_png(gt_path)
   except FileNotFoundError:
     raise PanopticFormatError(f'{_describe(pair.gt_annotation)}: ground-truth PNG {gt_path} '
                               'does not exist') from None
   try:
-    pred_ids = formats.read_panoptic_png(pred_path)
+    pred_ids = coco_panoptic.read_panoptic_png(pred_path)
   except FileNotFoundError:
     raise PanopticFormatError(f'{_describe(pair.pred_annotation)}: prediction PNG {pred_path} '
                               'does not exist (file_name in the prediction JSON)') from None

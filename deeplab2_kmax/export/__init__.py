@@ -61,6 +61,6 @@ from deeplab2_kmax.export.serving_module import segments_of
 from deeplab2_kmax.export.serving_module import build_serving_module
 from deeplab2_kmax.export.serving_module import preprocess_batch
 from deeplab2_kmax.export.serving_module import error_message
+from deeplab2_kmax.export.serving_module import parse_batch_size
 from deeplab2_kmax.export.serving_module import ServingModule
-from deeplab2_kmax.export.cli import parse_batch_size
 

@@ -64,23 +64,6 @@ def define_flags():
                     'replace the existing version folder; without it that is refused.')
 
 
-def parse_batch_size(text: Optional[str], default: int) -> Optional[int]:
-  """--batch_size: None (flag unset) -> default; 'dynamic' or 0 -> None; N -> N."""
-  if text is None:
-    value = default
-  elif text.strip().lower() == 'dynamic':
-    value = 0
-  else:
-    try:
-      value = int(text)
-    except ValueError:
-      raise ValueError(f'--batch_size must be a positive integer or "dynamic", got '
-                       f'"{text}".') from None
-  if value < 0:
-    raise ValueError(f'--batch_size must be a positive integer or "dynamic", got {value}.')
-  return value or None
-
-
 def parse_formats(names) -> list:
   """--format values, checked and in runtimes.FORMATS order (the SavedModel first: it clears
   its version folder)."""
@@ -170,7 +153,7 @@ def main(argv):
     precisions = format_precisions(formats, values.precision)
     config = config_flags.load_from_flags(inference=True)
     options = config.export_options
-    batch_size = parse_batch_size(values.batch_size, options.batch_size)
+    batch_size = serving_lib.parse_batch_size(values.batch_size, options.batch_size)
     input_types = values.input_type or list(options.input_type) or list(serving_lib.INPUT_TYPES)
     # Paths before the model is built: a typo should not cost a model build.
     prepare_output_path(values.output_path)

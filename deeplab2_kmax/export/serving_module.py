@@ -395,6 +395,38 @@ class ServingModule(tf.Module):
     return result
 
 
+def parse_batch_size(text: Optional[str], default: int) -> Optional[int]:
+  """The signatures' batch size for build_serving_module, from `--batch_size` text.
+
+  Here and not in cli.py because the convention is the library's: export_options.batch_size
+  and the flag both say 0 (or "dynamic") for a dynamic batch, which build_serving_module takes
+  as None.
+
+  Args:
+    text: The flag's value: None (unset: `default` applies), "dynamic", or an integer >= 0.
+    default: export_options.batch_size (0 = dynamic).
+
+  Returns:
+    A positive batch size, or None for a dynamic one.
+
+  Raises:
+    ValueError: naming the value, when it is negative or neither an integer nor "dynamic".
+  """
+  if text is None:
+    value = default
+  elif text.strip().lower() == 'dynamic':
+    value = 0
+  else:
+    try:
+      value = int(text)
+    except ValueError:
+      raise ValueError(f'--batch_size must be a positive integer or "dynamic", got '
+                       f'"{text}".') from None
+  if value < 0:
+    raise ValueError(f'--batch_size must be a positive integer or "dynamic", got {value}.')
+  return value or None
+
+
 def build_serving_module(config, model=None, batch_size: Optional[int] = None,
                          include_raw_outputs: Optional[bool] = None,
                          precision: str = 'float32') -> ServingModule:

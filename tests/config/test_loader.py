@@ -7,6 +7,8 @@ import textwrap
 import pytest
 
 from deeplab2_kmax.config import loader
+from deeplab2_kmax.config import validation
+from deeplab2_kmax.model.pixel_decoder import kmax as kmax_pixel_decoder
 from tests.conftest import REPO_ROOT
 
 SYNTHETIC_CONFIG = REPO_ROOT / 'configs/synthetic/kmax_r50_os32_synthetic.textproto'
@@ -135,6 +137,30 @@ def test_semantic_checks(override, expected):
   with pytest.raises(loader.ConfigError, match=None) as info:
     loader.load_config(str(SYNTHETIC_CONFIG), environ=ENV, overrides=[override])
   assert expected in str(info.value)
+
+
+@pytest.mark.parametrize('stride, dims, expected', [
+    # DeepLab2's defaults exist for 4 and 2 only; validation says so before the builder would.
+    (8, [], 'high_resolution_output_stride 8 has no default decoder'),
+    (8, [64, 32, 16], None),
+    (2, [], None),
+])
+def test_pixel_decoder_stages_follow_the_decoder(stride, dims, expected):
+  config = loader.load_config(str(SYNTHETIC_CONFIG), environ=ENV)
+  kmax = config.model_options.kmax
+  kmax.high_resolution_output_stride = stride
+  for name in ('dims', 'num_blocks', 'block_types'):
+    kmax.pixel_decoder.ClearField(name)
+  kmax.pixel_decoder.dims.extend(dims)
+  kmax.pixel_decoder.num_blocks.extend([1] * len(dims))
+  kmax.pixel_decoder.block_types.extend(['axial'] * len(dims))
+  problems = [f'{p.field}: {p.message}' for p in validation.find_problems(config)]
+  if expected is None:
+    assert not problems
+  else:
+    # One problem per empty field, each naming the stages the stride gives.
+    assert len(problems) == 3 and all(expected in p for p in problems), problems
+    assert all(f'strides {kmax_pixel_decoder.stage_strides(stride)}' in p for p in problems)
 
 
 def test_inline_dataset_descriptor_validates():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.evaluation import cityscapes_panoptic
 from deeplab2_kmax.evaluation import coco_panoptic
 from deeplab2_kmax.evaluation import formats
@@ -54,7 +55,7 @@ def _write_case(tmp_path, seed=0, num_images=3):
     writer.add(pred, image_id)
   writer.write_json()
   (tmp_path / 'gt.json').write_text(json.dumps(
-      formats.coco_panoptic_json(gt_annotations, formats.coco_categories(CITYSCAPES))))
+      formats.coco_panoptic_json(gt_annotations, coco_format.coco_categories(CITYSCAPES))))
   return dict(gt_json=str(tmp_path / 'gt.json'), gt_folder=str(tmp_path / 'gt'),
               pred_json=str(tmp_path / 'pred.json'), pred_folder=str(tmp_path / 'pred'))
 

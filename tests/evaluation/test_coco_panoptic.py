@@ -12,7 +12,9 @@ from absl import flags
 
 import evaluation_testing
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.evaluation import coco_panoptic
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import panoptic_quality as pq_lib
@@ -44,7 +46,7 @@ def _write_mmdetection_case(tmp_path):
   for segment_id, (x, y, w, h) in enumerate([(10, 10, 10, 40), (30, 10, 10, 40),
                                              (50, 10, 10, 5)], start=1):
     gt_ids[y:y + h, x:x + w] = segment_id
-  formats.write_png(str(tmp_path / 'gt' / 'fake_name1.png'), panoptic_rgb.id_to_rgb(gt_ids))
+  png_encoding.write_png(str(tmp_path / 'gt' / 'fake_name1.png'), panoptic_rgb.id_to_rgb(gt_ids))
   categories = [{'id': 0, 'name': 'person', 'isthing': 1}, {'id': 1, 'name': 'cat', 'isthing': 1},
                 {'id': 2, 'name': 'dog', 'isthing': 1}, {'id': 3, 'name': 'wall', 'isthing': 0}]
   segments = [{'id': 1, 'category_id': 0, 'area': 400, 'iscrowd': 0},
@@ -68,7 +70,7 @@ def _write_mmdetection_case(tmp_path):
   annotation = formats.write_coco_panoptic(panoptic, descriptor, 0, 'fake_name1.png',
                                            str(tmp_path / 'pred'))
   (tmp_path / 'pred.json').write_text(json.dumps(
-      formats.coco_panoptic_json([annotation], formats.coco_categories(descriptor))))
+      formats.coco_panoptic_json([annotation], coco_format.coco_categories(descriptor))))
   return dict(gt_json=tmp_path / 'gt.json', gt_folder=tmp_path / 'gt',
               pred_json=tmp_path / 'pred.json', pred_folder=tmp_path / 'pred')
 
@@ -106,21 +108,20 @@ def _coco_sample_prediction(coco_sample_dir, tmp_path):
   """Writes the COCO sample's GT, read back as label maps, with one person removed, as a
   prediction through our writer (train ids -> COCO ids). Returns (gt_json_path, pred paths)."""
   descriptor = datasets.get_built_in(datasets.COCO_PANOPTIC)
-  label_space = formats.LabelSpace.from_descriptor(descriptor)
+  spec = coco_format.spec_from_descriptor(descriptor, treat_crowd_as_ignore=False)
   gt_json_path = os.path.join(coco_sample_dir, 'panoptic_examples.json')
   with open(gt_json_path) as f:
     gt_json = json.load(f)
-  categories = {c['id']: c for c in gt_json['categories']}
   writer = formats.PanopticPredictionWriter(descriptor, str(tmp_path / 'pred'),
                                             str(tmp_path / 'pred.json'))
   for index, annotation in enumerate(gt_json['annotations']):
-    panoptic = formats.read_coco_panoptic(
-        annotation, os.path.join(coco_sample_dir, 'panoptic_examples'), categories, label_space)
+    panoptic = coco_format.read_panoptic_annotation(
+        annotation, os.path.join(coco_sample_dir, 'panoptic_examples'), spec, gt_json_path)
     if index == 0:
       # Remove the first non-crowd person: it becomes VOID (train id 0) in the prediction.
       first_person = next(s for s in annotation['segments_info']
                           if s['category_id'] == 1 and not s['iscrowd'])
-      ids = formats.read_panoptic_png(
+      ids = coco_format.read_panoptic_png(
           os.path.join(coco_sample_dir, 'panoptic_examples', annotation['file_name']))
       panoptic[ids == first_person['id']] = 0
     written = writer.add(panoptic, annotation['image_id'])
@@ -174,7 +175,7 @@ def test_malformed_predictions_give_one_readable_error(tmp_path, capsys, mutate,
 
 def test_size_mismatch_is_reported(tmp_path, capsys):
   paths = _write_mmdetection_case(tmp_path)
-  formats.write_png(str(paths['pred_folder'] / 'fake_name1.png'),
+  png_encoding.write_png(str(paths['pred_folder'] / 'fake_name1.png'),
                     panoptic_rgb.id_to_rgb(np.ones((30, 80), np.int64)))
   assert _run_main(**paths, num_workers=1) == 1
   assert 'prediction is (30, 80) (height, width) but the ground truth is (60, 80)' in (

@@ -8,7 +8,9 @@ import pytest
 
 import evaluation_testing
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import panoptic_quality as pq_lib
 
@@ -23,8 +25,8 @@ def test_id_rgb_round_trip_and_layout(tmp_path):
   assert rgb[1, 3].tolist() == [222, 0, 65]
   assert rgb[0, 3].tolist() == [0, 1, 0]
   np.testing.assert_array_equal(panoptic_rgb.rgb_to_id(rgb), ids)
-  formats.write_png(str(tmp_path / 'ids.png'), rgb)
-  np.testing.assert_array_equal(formats.read_panoptic_png(str(tmp_path / 'ids.png')), ids)
+  png_encoding.write_png(str(tmp_path / 'ids.png'), rgb)
+  np.testing.assert_array_equal(coco_format.read_panoptic_png(str(tmp_path / 'ids.png')), ids)
   with pytest.raises(ValueError, match='must lie in'):
     panoptic_rgb.id_to_rgb(np.array([[256 ** 3]]))
 
@@ -32,7 +34,7 @@ def test_id_rgb_round_trip_and_layout(tmp_path):
 def test_real_coco_png_decodes_to_json_ids(coco_sample_dir):
   with open(os.path.join(coco_sample_dir, 'panoptic_examples.json')) as f:
     annotation = json.load(f)['annotations'][0]
-  ids = formats.read_panoptic_png(
+  ids = coco_format.read_panoptic_png(
       os.path.join(coco_sample_dir, 'panoptic_examples', annotation['file_name']))
   assert ids.shape == (427, 640)
   listed = {s['id']: s['area'] for s in annotation['segments_info']}
@@ -70,11 +72,12 @@ def test_coco_writer_maps_train_ids_back_to_category_ids(tmp_path):
   annotation = formats.write_coco_panoptic(panoptic, COCO, 7, 'a.png', str(tmp_path))
   assert [(s['category_id'], s['area']) for s in annotation['segments_info']] == [
       (1, 6), (90, 6), (200, 12)]
-  categories = {c['id']: c for c in formats.coco_categories(COCO)}
+  categories = {c['id']: c for c in coco_format.coco_categories(COCO)}
   assert len(categories) == 133 and 0 not in categories
   assert categories[90]['isthing'] == 1 and categories[200]['isthing'] == 0
-  back = formats.read_coco_panoptic(annotation, str(tmp_path), categories,
-                                    formats.LabelSpace.from_descriptor(COCO))
+  back = coco_format.read_panoptic_annotation(
+      annotation, str(tmp_path),
+      coco_format.spec_from_descriptor(COCO, treat_crowd_as_ignore=False))
   # Same classes and grouping; instances renumbered from 1 per class.
   assert np.unique(back // 256).tolist() == [1, 80, 133]
   assert (back[:2, :3] == 1 * 256 + 1).all() and (back[:2, 3:] == 80 * 256 + 1).all()
@@ -91,7 +94,7 @@ def test_two_channel_writer_layout(tmp_path):
   with pytest.raises(formats.PanopticFormatError, match='do not fit the 8-bit'):
     formats.two_channel_from_panoptic_label(np.array([[1 * 1000 + 300]]), CITYSCAPES)
   formats.write_two_channel_png(panoptic, COCO, str(tmp_path / 'p.png'))
-  np.testing.assert_array_equal(formats.read_png(str(tmp_path / 'p.png')), image)
+  np.testing.assert_array_equal(png_encoding.read_png(str(tmp_path / 'p.png')), image)
 
 
 def test_raw_panoptic_formats_of_the_evaluator_options(tmp_path):
@@ -99,7 +102,7 @@ def test_raw_panoptic_formats_of_the_evaluator_options(tmp_path):
   panoptic = np.array([[11 * 1000 + 300, 0], [255 * 1000 + 7, 11 * 1000 + 2]])
   path = formats.write_raw_panoptic(panoptic, CITYSCAPES, str(tmp_path / 'a'),
                                     formats.RAW_THREE_CHANNEL_PNG)
-  image = formats.read_png(path)
+  image = png_encoding.read_png(path)
   assert image[..., 0].tolist() == [[24, 7], [0, 24]]
   assert (image[..., 1].astype(int) * 256 + image[..., 2]).tolist() == [[300, 0], [0, 2]]
   path = formats.write_raw_panoptic(panoptic, CITYSCAPES, str(tmp_path / 'b'),
@@ -120,9 +123,9 @@ def test_two_channel_sample_converts_to_the_coco_ground_truth(coco_sample_dir):
   categories = {c['id']: c for c in gt_json['categories']}
   accumulator = pq_lib.PanopticQualityAccumulator(categories)
   for annotation in gt_json['annotations']:
-    gt_ids = formats.read_panoptic_png(
+    gt_ids = coco_format.read_panoptic_png(
         os.path.join(coco_sample_dir, 'panoptic_examples', annotation['file_name']))
-    two_channel = formats.read_png(
+    two_channel = png_encoding.read_png(
         os.path.join(coco_sample_dir, 'panoptic_examples_2ch_format', annotation['file_name']))
     ids, segments = formats.segments_from_two_channel(two_channel, categories)
     assert len(segments) == len(annotation['segments_info'])
@@ -153,12 +156,12 @@ def test_cityscapes_writer_layout(tmp_path):
               (7, 7, 0, 2), (24, 24, 1, 2), (24000, 24, 0, 2), (24001, 24, 0, 2),
               (26000, 26, 0, 1), (26001, 26, 0, 1)]
   np.testing.assert_array_equal(
-      formats.read_panoptic_png(str(tmp_path / annotation['file_name'])), ids)
+      coco_format.read_panoptic_png(str(tmp_path / annotation['file_name'])), ids)
 
 
 def test_descriptor_categories_for_a_custom_dataset():
   descriptor = evaluation_testing.make_descriptor(3, things=(1,), ignore_label=0,
                                                   category_ids=(0, 10, 20))
-  assert [(c['id'], c['isthing']) for c in formats.coco_categories(descriptor)] == [
+  assert [(c['id'], c['isthing']) for c in coco_format.coco_categories(descriptor)] == [
       (10, 1), (20, 0)]
-  assert [c['id'] for c in formats.coco_categories(descriptor, use_train_ids=True)] == [1, 2]
+  assert [c['id'] for c in coco_format.coco_categories(descriptor, use_train_ids=True)] == [1, 2]

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_lib
 
 import evaluation_testing
 from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import instance_ap
 from deeplab2_kmax.evaluation import miou
@@ -124,7 +125,7 @@ def test_ground_truth_instances_equal_panopticapis_detection_format(coco_sample_
   """Our instances of the real COCO sample equal panopticapi's panoptic2detection output
   (`panoptic_coco_detection_format.json`, thing annotations): masks, category, crowd, area, box."""
   coco = datasets.get_built_in(datasets.COCO_PANOPTIC)
-  label_space = formats.LabelSpace.from_descriptor(coco)
+  spec = coco_format.spec_from_descriptor(coco, treat_crowd_as_ignore=False)
   with open(os.path.join(coco_sample_dir, 'panoptic_examples.json')) as f:
     panoptic_json = json.load(f)
   with open(os.path.join(coco_sample_dir, 'panoptic_coco_detection_format.json')) as f:
@@ -132,8 +133,8 @@ def test_ground_truth_instances_equal_panopticapis_detection_format(coco_sample_
   categories = {c['id']: c for c in panoptic_json['categories']}
   for annotation in panoptic_json['annotations']:
     folder = os.path.join(coco_sample_dir, 'panoptic_examples')
-    panoptic = formats.read_coco_panoptic(annotation, folder, categories, label_space)
-    ids = formats.read_panoptic_png(os.path.join(folder, annotation['file_name']))
+    panoptic = coco_format.read_panoptic_annotation(annotation, folder, spec)
+    ids = coco_format.read_panoptic_png(os.path.join(folder, annotation['file_name']))
     crowd = np.isin(ids, [s['id'] for s in annotation['segments_info'] if s['iscrowd']])
     ours = instance_ap.ground_truth_from_panoptic(panoptic, annotation['image_id'], coco, crowd)
     theirs = [a for a in detection_json['annotations']

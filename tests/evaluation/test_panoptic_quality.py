@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import evaluation_testing
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import panoptic_quality as pq_lib
 
@@ -293,15 +295,15 @@ def _deeplab2_testdata_dir():
 def _deeplab2_image(name, gt_file, gt_classes, divisor):
   folder = _deeplab2_testdata_dir()
   # Grey-level maps: channel 0 separates the instances (only grouping matters).
-  gt_instance = formats.read_png(os.path.join(folder, gt_file))[..., 0].astype(np.int64)
+  gt_instance = png_encoding.read_png(os.path.join(folder, gt_file))[..., 0].astype(np.int64)
   assert set(np.unique(gt_instance).tolist()) == set(gt_classes)
   gt_class = np.vectorize(gt_classes.get)(gt_instance)
-  rgb = formats.read_png(os.path.join(folder, f'{name}_pred_class.png'))[..., :3]
+  rgb = png_encoding.read_png(os.path.join(folder, f'{name}_pred_class.png'))[..., :3]
   pred_class = np.full(rgb.shape[:2], -1, np.int64)
   for color, label in _DEEPLAB2_COLORS.items():
     pred_class[np.all(rgb == color, axis=-1)] = label
   assert (pred_class >= 0).all()
-  pred_instance = formats.read_png(
+  pred_instance = png_encoding.read_png(
       os.path.join(folder, f'{name}_pred_instance.png'))[..., 0].astype(np.int64)
   return gt_class * divisor + gt_instance, pred_class * divisor + pred_instance
 
@@ -427,7 +429,7 @@ def test_coco_sample_ground_truth_against_itself(coco_sample_dir):
   categories = {c['id']: c for c in gt_json['categories']}
   accumulator = pq_lib.PanopticQualityAccumulator(categories)
   for annotation in gt_json['annotations']:
-    ids = formats.read_panoptic_png(
+    ids = coco_format.read_panoptic_png(
         os.path.join(coco_sample_dir, 'panoptic_examples', annotation['file_name']))
     # Crowd GT segments become ordinary predictions: excused by their own crowd region.
     pred_segments = [{'id': s['id'], 'category_id': s['category_id']}

@@ -96,7 +96,8 @@ def test_max_serving_default_equals_in_framework(exported_max, shape):
 
 def test_max_predict_writes_panoptic_pngs_and_overlays(exported_max, tmp_path):
   from deeplab2_kmax import predict  # pylint: disable=g-import-not-at-top
-  from deeplab2_kmax.evaluation import formats  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import coco_panoptic  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.data.formats import png_encoding  # pylint: disable=g-import-not-at-top
   config, _, checkpoint_dir, directory, loaded = exported_max
   folder = tmp_path / 'images'
   folder.mkdir()
@@ -112,14 +113,14 @@ def test_max_predict_writes_panoptic_pngs_and_overlays(exported_max, tmp_path):
     want = loaded.signatures['image_bytes'](
         image_bytes=tf.constant([(folder / name).read_bytes()]))
     want_panoptic = want[common.PRED_PANOPTIC].numpy()[0]
-    ids = formats.read_panoptic_png(str(tmp_path / 'out' / 'panoptic' / f'{stem}.png'))
+    ids = coco_panoptic.read_panoptic_png(str(tmp_path / 'out' / 'panoptic' / f'{stem}.png'))
     assert ids.shape == shape
     info = json.loads((tmp_path / 'out' / 'segments' / f'{stem}.json').read_text())
     decoded = np.zeros(shape, np.int64)
     for segment in info['segments_info']:
       decoded[ids == segment['id']] = segment['panoptic_label']
     np.testing.assert_array_equal(decoded, want_panoptic)
-    overlay = formats.read_png(str(tmp_path / 'out' / 'overlay' / f'{stem}.png'))
+    overlay = png_encoding.read_png(str(tmp_path / 'out' / 'overlay' / f'{stem}.png'))
     assert overlay.shape[0] >= predict.MIN_OVERLAY_HEIGHT and overlay.shape[1] > shape[1]
   # The checkpoint predictor (the runner's checkpoint, no SavedModel) agrees.
   data = (folder / 'a.png').read_bytes()

@@ -14,6 +14,8 @@ from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax.checkpoint import model_restore
 from deeplab2_kmax.data.formats import tfrecord
+from tests import test_architecture
+from tests.conftest import REPO_ROOT
 from tests.export.conftest import in_framework
 from tests.export.conftest import numpy_segments
 from tests.export.conftest import sample_images
@@ -210,6 +212,15 @@ def test_parse_batch_size(text, default, expected):
 def test_parse_batch_size_rejects(text):
   with pytest.raises(ValueError, match='--batch_size must be a positive integer or "dynamic"'):
     export.parse_batch_size(text, 0)
+
+
+def test_the_library_package_does_not_import_its_command_line():
+  # `from deeplab2_kmax import export` is the library; cli.py (absl flags, config files,
+  # checkpoints) is built on it, not the other way round.
+  sources = test_architecture.module_sources(REPO_ROOT)
+  imported = {target for target, _ in test_architecture.imported_modules(
+      'deeplab2_kmax.export', sources['deeplab2_kmax.export'], sorted(sources))}
+  assert imported and 'deeplab2_kmax.export.cli' not in imported, sorted(imported)
 
 
 def test_unknown_input_type_is_named(exported):

@@ -19,6 +19,7 @@ from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax import predict
 from deeplab2_kmax.checkpoint import paths as checkpoint_paths
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.data.input import preprocessing
 from deeplab2_kmax.export import cli as export_cli
 from deeplab2_kmax.export import runtimes as runtimes_lib
@@ -115,8 +116,7 @@ def test_hostile_predict_same_stem_gets_distinct_outputs_and_image_ids(exported,
   assert ids == ['sub_x_png', 'x_jpg', 'x_png', 'y'] == [a['image_id'] for a in annotations]
   # Each input's own prediction in its own files: the sizes tell them apart.
   for stem, shape in [('sub_x_png', (25, 25)), ('x_jpg', (30, 40)), ('x_png', (36, 20))]:
-    from deeplab2_kmax.evaluation import formats  # pylint: disable=g-import-not-at-top
-    assert formats.read_panoptic_png(str(tmp_path / 'out' / 'panoptic' / f'{stem}.png')).shape \
+    assert coco_format.read_panoptic_png(str(tmp_path / 'out' / 'panoptic' / f'{stem}.png')).shape \
         == shape
     assert (tmp_path / 'out' / 'segments' / f'{stem}.json').exists()
 

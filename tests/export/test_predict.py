@@ -9,7 +9,8 @@ import tensorflow as tf
 from deeplab2_kmax import common
 from deeplab2_kmax import export
 from deeplab2_kmax import predict
-from deeplab2_kmax.evaluation import formats
+from deeplab2_kmax.data.formats import coco_panoptic as coco_format
+from deeplab2_kmax.data.formats import png_encoding
 from tests.export.conftest import sample_images
 
 
@@ -39,7 +40,7 @@ def test_predict_files_from_saved_model(exported, image_files, tmp_path):
     want = exported.loaded.signatures['image_bytes'](image_bytes=tf.constant([data]))
     want_panoptic = want[common.PRED_PANOPTIC].numpy()[0]
     # The panoptic PNG decodes to COCO ids; segments_info maps each id to its panoptic label.
-    ids = formats.read_panoptic_png(str(tmp_path / 'panoptic' / f'{stem}.png'))
+    ids = coco_format.read_panoptic_png(str(tmp_path / 'panoptic' / f'{stem}.png'))
     assert ids.shape == shape
     info = json.loads((tmp_path / 'segments' / f'{stem}.json').read_text())
     decoded = np.zeros(shape, np.int64)  # void: class 0, instance 0
@@ -55,7 +56,7 @@ def test_predict_files_from_saved_model(exported, image_files, tmp_path):
       assert segment['score'] == pytest.approx(scores.mean(), abs=1e-5)
     np.testing.assert_array_equal(decoded, want_panoptic)
     assert len(info['segments_info']) >= 1
-    overlay = formats.read_png(str(tmp_path / 'overlay' / f'{stem}.png'))
+    overlay = png_encoding.read_png(str(tmp_path / 'overlay' / f'{stem}.png'))
     assert overlay.shape[0] >= predict.MIN_OVERLAY_HEIGHT and overlay.shape[1] > shape[1]
   document = json.loads((tmp_path / predict.PANOPTIC_JSON).read_text())
   assert len(document['annotations']) == 3

@@ -18,8 +18,6 @@ O/dataset_options.textproto (`dataset: "ade20k_panoptic"`).
 
 import os
 
-from absl import flags
-
 from deeplab2_kmax import command_line
 from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.build import conversion
@@ -60,22 +58,11 @@ def build(ade20k_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignor
 
 
 def define_flags():
-  flags.DEFINE_string('ade20k_root', None, 'ADEChallengeData2016 folder after the panoptic '
-                      'preparation.')
-  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
-  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
-  conversion.add_common_flags(NUM_SHARDS)
+  conversion.add_built_in_flags('ade20k_root', 'ADEChallengeData2016 folder after the '
+                                'panoptic preparation.', SPLITS, NUM_SHARDS)
 
 
-def main(argv):
-  f = flags.FLAGS
-
-  def convert():
-    conversion.require(f.ade20k_root, 'ade20k_root')
-    conversion.require(f.output_dir, 'output_dir')
-    return build(f.ade20k_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
-                 f.num_workers, f.overwrite)
-  return conversion.run(convert, argv)
+main = conversion.built_in_main(build, 'ade20k_root')
 
 
 if __name__ == '__main__':

@@ -21,8 +21,6 @@ label 255), plus O/dataset_options.textproto (`dataset: "cityscapes_panoptic"`).
 import dataclasses
 import os
 
-from absl import flags
-
 from deeplab2_kmax import command_line
 from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.build import conversion
@@ -89,21 +87,11 @@ def build(cityscapes_root: str, output_dir: str, splits=SPLITS,
 
 
 def define_flags():
-  flags.DEFINE_string('cityscapes_root', None, 'Cityscapes root (leftImg8bit/, gtFine/).')
-  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
-  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
-  conversion.add_common_flags(NUM_SHARDS)
+  conversion.add_built_in_flags('cityscapes_root', 'Cityscapes root (leftImg8bit/, gtFine/).',
+                                SPLITS, NUM_SHARDS)
 
 
-def main(argv):
-  f = flags.FLAGS
-
-  def convert():
-    conversion.require(f.cityscapes_root, 'cityscapes_root')
-    conversion.require(f.output_dir, 'output_dir')
-    return build(f.cityscapes_root, f.output_dir, f.splits, f.treat_crowd_as_ignore,
-                 f.num_shards, f.num_workers, f.overwrite)
-  return conversion.run(convert, argv)
+main = conversion.built_in_main(build, 'cityscapes_root')
 
 
 if __name__ == '__main__':

@@ -17,8 +17,6 @@ the contiguous train ids of the built-in `coco_panoptic` descriptor (1..133, 0 =
 
 import os
 
-from absl import flags
-
 from deeplab2_kmax import command_line
 from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.build import conversion
@@ -60,21 +58,12 @@ def build(coco_root: str, output_dir: str, splits=SPLITS, treat_crowd_as_ignore:
 
 
 def define_flags():
-  flags.DEFINE_string('coco_root', None, 'COCO root (holding annotations/, train2017/, ...).')
-  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
-  flags.DEFINE_list('splits', list(SPLITS), 'Splits to convert (absent ones are skipped).')
-  conversion.add_common_flags(NUM_SHARDS)
+  conversion.add_built_in_flags('coco_root',
+                                'COCO root (holding annotations/, train2017/, ...).', SPLITS,
+                                NUM_SHARDS)
 
 
-def main(argv):
-  f = flags.FLAGS
-
-  def convert():
-    conversion.require(f.coco_root, 'coco_root')
-    conversion.require(f.output_dir, 'output_dir')
-    return build(f.coco_root, f.output_dir, f.splits, f.treat_crowd_as_ignore, f.num_shards,
-                 f.num_workers, f.overwrite)
-  return conversion.run(convert, argv)
+main = conversion.built_in_main(build, 'coco_root')
 
 
 if __name__ == '__main__':

@@ -144,20 +144,13 @@ def define_flags():
   flags.DEFINE_string('name', '', 'Dataset name (default: the JSON file stem).')
   flags.DEFINE_integer('label_divisor', 256, 'panoptic = class * divisor + instance; must '
                        'exceed the instances of one class in an image.')
-  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
   conversion.add_common_flags(0)
 
 
-def main(argv):
-  f = flags.FLAGS
-
-  def convert():
-    for flag in ('images', 'panoptic_json', 'output_dir'):
-      conversion.require(getattr(f, flag), flag)
-    return build(f.images, f.panoptic_json, f.output_dir, f.panoptic_png_dir,
-                 f.dataset_config, f.split, f.name, f.label_divisor, f.treat_crowd_as_ignore,
-                 f.num_shards, f.num_workers, f.overwrite)
-  return conversion.run(convert, argv)
+main = conversion.converter_main(
+    build, ('images', 'panoptic_json', 'panoptic_png_dir', 'dataset_config', 'split', 'name',
+            'label_divisor') + conversion.COMMON_BUILD_FLAGS,
+    required_flags=('images', 'panoptic_json', 'output_dir'))
 
 
 if __name__ == '__main__':

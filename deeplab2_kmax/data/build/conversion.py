@@ -97,8 +97,16 @@ def built_in_options_text(dataset: str, output_dir: str, splits: Sequence[str]) 
   return '\n'.join(lines) + '\n'
 
 
+# The flags add_common_flags defines that every converter's build() takes, by these names.
+COMMON_BUILD_FLAGS = ('output_dir', 'treat_crowd_as_ignore', 'num_shards', 'num_workers',
+                      'overwrite')
+
+
 def add_common_flags(num_shards_default: int) -> None:
+  """Defines the flags of COMMON_BUILD_FLAGS (num_shards_default: the dataset's default, 0 for
+  one shard per 256 images)."""
   flags.DEFINE_string('output_dir', None, 'Folder for the TFRecord shards.')
+  flags.DEFINE_bool('treat_crowd_as_ignore', True, 'Crowd pixels get the ignore label.')
   default = num_shards_default or 'one per 256 images, at least 8'
   flags.DEFINE_integer('num_shards', 0, f'Shards per split (0 = {default}; at most one per '
                        'image).')
@@ -106,6 +114,46 @@ def add_common_flags(num_shards_default: int) -> None:
                        f'for splits of {AUTO_PARALLEL_MIN_IMAGES}+ images, else none; 1 = none).')
   flags.DEFINE_bool('overwrite', False, 'Delete existing shards of the converted splits first '
                     '(default: resume, keeping complete shards).')
+
+
+def add_built_in_flags(root_flag: str, root_help: str, splits: Sequence[str],
+                       num_shards_default: int) -> None:
+  """The flags of a built-in dataset's converter (coco, cityscapes, ade20k): its source root
+  `--<root_flag>`, `--splits` and the common flags."""
+  flags.DEFINE_string(root_flag, None, root_help)
+  flags.DEFINE_list('splits', list(splits), 'Splits to convert (absent ones are skipped).')
+  add_common_flags(num_shards_default)
+
+
+def converter_main(build: Callable[..., list], build_flags: Sequence[str],
+                   required_flags: Sequence[str]) -> Callable[[Sequence[str]], int]:
+  """The main(argv) of a converter command line.
+
+  Args:
+    build: The converter's build(), returning a WriteResult per split; its arguments are
+      named as the flags that give them.
+    build_flags: The flags passed to build, each as the keyword argument of its name.
+    required_flags: Flags that must be set, checked in this order (a ConversionError
+      "--<flag> is required" for the first one missing).
+
+  Returns:
+    main(argv) for command_line.run: exit code 0, or 1 with one error line (see run()).
+  """
+  def main(argv):
+    values = flags.FLAGS
+
+    def convert():
+      for name in required_flags:
+        require(getattr(values, name), name)
+      return build(**{name: getattr(values, name) for name in build_flags})
+    return run(convert, argv)
+  return main
+
+
+def built_in_main(build: Callable[..., list], root_flag: str) -> Callable[[Sequence[str]], int]:
+  """converter_main of a built-in dataset's converter: the flags of add_built_in_flags."""
+  return converter_main(build, (root_flag, 'splits') + COMMON_BUILD_FLAGS,
+                        required_flags=(root_flag, 'output_dir'))
 
 
 # Below this many images, worker processes cost more (each imports TensorFlow: seconds) than

@@ -25,7 +25,9 @@ from absl import flags
 import numpy as np
 
 from deeplab2_kmax import command_line
-from deeplab2_kmax.data import class_tables
+from deeplab2_kmax.data import datasets
+from deeplab2_kmax.data.formats import coco_panoptic
+from deeplab2_kmax.data.formats import panoptic_rgb
 from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.data.synthetic import scenes as synthetic_scenes
 from deeplab2_kmax.progress import Progress
@@ -35,12 +37,6 @@ _SPLIT_SEED_OFFSET = {'train': 0, 'val': 1}
 
 def image_name(split: str, index: int) -> str:
   return f'synthetic_{split}_{index:06d}'
-
-
-def coco_panoptic_rgb(segment_ids: np.ndarray) -> np.ndarray:
-  """COCO panoptic PNG colours: id = R + 256 * G + 256^2 * B. [h, w] -> uint8 [h, w, 3]."""
-  ids = segment_ids.astype(np.uint32)
-  return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
 def render_example(job):
@@ -63,35 +59,34 @@ def render_example(job):
     for segment_id in np.unique(segment_ids):
       if segment_id == 0:
         continue
-      ys, xs = np.nonzero(segment_ids == segment_id)
-      x0, y0 = int(xs.min()), int(ys.min())
+      mask = segment_ids == segment_id
       segments.append({
           'id': int(segment_id),
           'category_id': int(segment_id // LABEL_DIVISOR),
-          'area': int(len(ys)),
-          'bbox': [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+          'area': int(mask.sum()),
+          'bbox': coco_panoptic.segment_bbox(mask),
           'iscrowd': 0,
       })
-    gt_png = png_encoding.encode_png(coco_panoptic_rgb(segment_ids))
+    gt_png = png_encoding.encode_png(panoptic_rgb.id_to_rgb(segment_ids))
   return image_name(split, index), image_png, panoptic, gt_png, segments
 
 
 def coco_categories():
-  return [{'id': cid, 'name': name, 'isthing': int(is_thing), 'color': list(color),
-           'supercategory': 'thing' if is_thing else 'stuff'}
-          for cid, name, is_thing, color in class_tables.SYNTHETIC_CATEGORIES if cid != 0]
+  """The COCO "categories" of the synthetic dataset, with a "supercategory" as COCO's have."""
+  descriptor = datasets.get_built_in(datasets.SYNTHETIC_PANOPTIC)
+  return [dict(c, supercategory='thing' if c['isthing'] else 'stuff')
+          for c in coco_panoptic.coco_categories(descriptor)]
 
 
 def parse_size(text: str) -> tuple[int, int]:
+  """(height, width) of --size, "S" (square) or "H,W", read as any crop size is."""
   try:
-    values = [int(v) for v in text.split(',')]
+    height, width = datasets.crop_size_of(text.split(','), '--size')
   except ValueError:
-    values = []
-  if len(values) == 1:
-    values = values * 2
-  if len(values) != 2 or min(values) < 17:
+    height = width = 0
+  if min(height, width) < 17:
     raise ValueError(f'--size="{text}" must be "S" or "H,W" with sides >= 17')
-  return values[0], values[1]
+  return height, width
 
 
 def build(output_dir: str, num_train: int, num_val: int, height: int = 129, width: int = 129,

@@ -66,6 +66,14 @@ class Report:
     if defects:
       self.images_with_defects.add(image)
 
+  def add_stats(self, stats: cf.ExampleStats) -> None:
+    """Counts one image's segments into the totals."""
+    self.segments += stats.segments
+    self.things += stats.things
+    self.stuff += stats.stuff
+    self.crowd += stats.crowd
+    self.max_things_per_image = max(self.max_things_per_image, stats.things)
+
   def format(self, max_listed: int = 5) -> str:
     lines = [self.title,
              f'images: {self.num_images} ({self.num_labelled} with labels); segments: '
@@ -109,11 +117,7 @@ def validate_jobs(title: str, jobs: Sequence[cf.ExampleJob], spec: Optional[cf.L
       report.num_images += 1
       report.num_labelled += labelled
       report.add(name, defects)
-      report.segments += stats.segments
-      report.things += stats.things
-      report.stuff += stats.stuff
-      report.crowd += stats.crowd
-      report.max_things_per_image = max(report.max_things_per_image, stats.things)
+      report.add_stats(stats)
   finally:
     if pool is not None:
       pool.terminate()
@@ -286,11 +290,7 @@ def validate_records(files: Sequence[str], descriptor, title: str) -> Report:
         report.num_labelled += labelled
         report.add(name, defects)
         if stats is not None:
-          report.segments += stats.segments
-          report.things += stats.things
-          report.stuff += stats.stuff
-          report.crowd += stats.crowd
-          report.max_things_per_image = max(report.max_things_per_image, stats.things)
+          report.add_stats(stats)
     except tf.errors.OpError:
       report.add(file, [cf.Defect(cf.UNREADABLE_FILE, file,
                                   tfrecord.unreadable_shard_text(records_read))])

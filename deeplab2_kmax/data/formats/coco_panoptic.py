@@ -18,7 +18,9 @@ instance 0.
 
 Every problem found is a Defect (kind, file, message, fix); `check_example` collects them all
 (the validator reports them), `encode_example_job` refuses an example with an error-level defect
-(the converters stop with ConversionError naming the file, segment and fix).
+(the converters stop with ConversionError naming the file, segment and fix), and so do
+`read_panoptic_png` and `read_panoptic_annotation`, the readers of one PNG or one annotation
+that the evaluation uses (PanopticFormatError, of which ConversionError is a kind).
 
 TensorFlow is imported inside the functions that decode files, so worker processes and the
 validator import this module cheaply.
@@ -78,8 +80,14 @@ FIXES = {
 WARNING_KINDS = frozenset({CROWD_NOT_UNIQUE})
 
 
-class ConversionError(ValueError):
-  """Bad input data; str(error) is one line naming the file, the problem and the fix."""
+class PanopticFormatError(ValueError):
+  """Panoptic data that breaks its format (or that the official scripts would reject); the
+  message names the file, the segment or value, and what would be right."""
+
+
+class ConversionError(PanopticFormatError):
+  """Bad input data of a converter; str(error) is one line naming the file, the problem and
+  the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +244,23 @@ def read_categories(data: dict, path: str, require_isthing: bool = True) -> list
   return result
 
 
+def coco_categories(descriptor, use_train_ids: bool = False) -> list[dict]:
+  """The "categories" list of a COCO panoptic JSON for a dataset (read_categories reads it).
+
+  Args:
+    descriptor: A DatasetDescriptor; every train id but its ignore label gets an entry.
+    use_train_ids: Key categories by contiguous train id instead of dataset category id.
+
+  Returns:
+    [{"id", "name", "isthing": 0 or 1, "color": [r, g, b]}, ...] in train-id order.
+  """
+  return [{'id': train_id if use_train_ids else int(descriptor.category_ids[train_id]),
+           'name': descriptor.class_names[train_id],
+           'isthing': int(bool(descriptor.class_has_instances[train_id])),
+           'color': list(descriptor.colors[train_id])}
+          for train_id in range(descriptor.num_classes) if train_id != descriptor.ignore_label]
+
+
 def _segments(annotation: dict, where: str, path: str) -> tuple:
   segments = annotation.get('segments_info')
   if not isinstance(segments, list):
@@ -312,14 +337,16 @@ def read_panoptic_json(path: str, png_dir: str, images_dir: Optional[str],
   return PanopticJson(path, data.get('categories') or [], jobs, defects)
 
 
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+# File endings of the images tf.io.decode_image reads (lower case): what the converters and
+# predict take as images in a folder.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
 def _stems(folder: Optional[str]) -> dict:
   if not folder or not os.path.isdir(folder):
     return {}
   return {os.path.splitext(name)[0]: name for name in sorted(os.listdir(folder))
-          if name.lower().endswith(_IMAGE_EXTENSIONS)}
+          if name.lower().endswith(IMAGE_EXTENSIONS)}
 
 
 def list_images(folder: str, suffix: str = '') -> list[str]:
@@ -328,7 +355,7 @@ def list_images(folder: str, suffix: str = '') -> list[str]:
   for root, _, names in os.walk(folder):
     for name in names:
       stem, ext = os.path.splitext(name)
-      if ext.lower() in _IMAGE_EXTENSIONS and stem.endswith(suffix):
+      if ext.lower() in IMAGE_EXTENSIONS and stem.endswith(suffix):
         found.append(os.path.join(root, name))
   return sorted(found)
 
@@ -372,6 +399,33 @@ def decode_label_png(data: bytes, path: str, defects: list) -> Optional[np.ndarr
     defects.append(Defect(UNREADABLE_FILE, path, f'PNG cannot be decoded ({error.message})'))
     return None
   return panoptic_rgb.rgb_to_id(rgb)
+
+
+def read_panoptic_png(path: str) -> np.ndarray:
+  """Reads a COCO panoptic PNG file as `[height, width]` int64 segment ids.
+
+  The checks of decode_label_png (the converters' and the validator's reader): an 8-bit RGB(A)
+  or palette PNG; grey and 16-bit PNGs are refused rather than misread.
+
+  Raises:
+    FileNotFoundError: naming the path, when it cannot be read.
+    PanopticFormatError: naming the path, the problem and the fix, when it is no 8-bit RGB PNG.
+  """
+  defects = []
+  data = _read_bytes(path, defects)
+  if data is None:
+    raise FileNotFoundError(f'cannot read PNG "{path}": {defects[0].message}')
+  ids = decode_label_png(data, path, defects)
+  if ids is None:
+    raise PanopticFormatError(str(defects[0]))
+  return ids
+
+
+def segment_bbox(mask: np.ndarray) -> list[int]:
+  """The COCO `bbox` [x, y, width, height] of a segment's non-empty `[height, width]` mask."""
+  rows = np.flatnonzero(mask.any(axis=1))
+  cols = np.flatnonzero(mask.any(axis=0))
+  return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
 def read_image(path: str, defects: list) -> Optional[tuple]:
@@ -520,6 +574,40 @@ def check_example(job: ExampleJob, spec: Optional[LabelSpec], read_pixels: bool 
     result.panoptic = panoptic_from_segments(ids, job.segments or (), spec, job.png_path,
                                              defects, stats)
   return result
+
+
+def read_panoptic_annotation(annotation: Mapping, png_dir: str, spec: LabelSpec,
+                             json_path: str = '') -> np.ndarray:
+  """The DeepLab2 panoptic map of one COCO panoptic annotation, as the converters compute it.
+
+  Args:
+    annotation: One entry of a COCO panoptic JSON's "annotations" (`file_name` of its PNG in
+      `png_dir`, `segments_info`).
+    png_dir: Folder of the panoptic PNGs.
+    spec: The category -> train id mapping and crowd policy (spec_from_descriptor).
+    json_path: The JSON file, named in error messages about its fields.
+
+  Returns:
+    `[height, width]` int32 panoptic map, `train_id * label_divisor + instance`: instances
+    numbered from 1 per thing class in segments_info order, stuff and crowd instance 0, void
+    pixels the ignore label (crowd too with spec.treat_crowd_as_ignore).
+
+  Raises:
+    FileNotFoundError: the PNG cannot be read.
+    PanopticFormatError: on the first error-level defect (see panoptic_from_segments), naming
+      the file, the segment and the fix; a ConversionError for malformed JSON fields.
+  """
+  png_path = os.path.join(png_dir, annotation['file_name'])
+  segments = _segments(annotation, f'the annotation of {annotation["file_name"]}',
+                       json_path or png_path)
+  defects = []
+  panoptic = panoptic_from_segments(read_panoptic_png(png_path), segments, spec, png_path,
+                                    defects)
+  errors = [d for d in defects if d.is_error]
+  if errors:
+    extra = f' (and {len(errors) - 1} more problem(s) in this image)' if len(errors) > 1 else ''
+    raise PanopticFormatError(f'{errors[0]}{extra}')
+  return panoptic
 
 
 def encode_example_job(job: ExampleJob, spec: LabelSpec) -> bytes:

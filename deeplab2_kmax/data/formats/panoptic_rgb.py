@@ -1,12 +1,15 @@
 """COCO panoptic PNG colours <-> segment ids: id = R + 256 * G + 256^2 * B (id 0 = VOID).
 
 The one encoding of segment ids as RGB that the COCO panoptic format (and cityscapesscripts,
-the ADE20K preparation, panopticapi) uses; the converters (data/formats/coco_panoptic.py) read
-it and the evaluation writers (evaluation/formats.py) write it.
+the ADE20K preparation, panopticapi) uses; data/formats/coco_panoptic.py reads it (for the
+converters, the validator and the evaluation) and the evaluation writers
+(evaluation/formats.py) write it.
 """
 
 import numpy as np
 
+# Segment id of unlabelled pixels (panopticapi's VOID): never listed in segments_info.
+VOID = 0
 # Largest segment id an RGB PNG can hold.
 MAX_RGB_ID = 256 ** 3 - 1
 

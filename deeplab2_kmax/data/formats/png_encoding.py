@@ -1,10 +1,14 @@
-"""Minimal PNG encoder (8-bit grey or RGB) in numpy + zlib.
+"""PNG files: a minimal encoder (8-bit grey or RGB) in numpy + zlib, and TensorFlow's reader
+and writer.
 
-Used where TensorFlow is not wanted, e.g. in the worker processes of the synthetic-data builder
-(forking or spawning TensorFlow per worker costs seconds and memory). Decoding is left to
-tf.io.decode_png.
+encode_png serves where TensorFlow is not wanted, e.g. in the worker processes of the
+synthetic-data builder (forking or spawning TensorFlow per worker costs seconds and memory).
+read_png and write_png go through tf.io (libpng's filters give smaller files than encode_png's
+unfiltered rows); TensorFlow is imported on their first call, so that processes that never touch
+a PNG file do not pay for the import.
 """
 
+import os
 import struct
 import zlib
 
@@ -37,3 +41,36 @@ def encode_png(array: np.ndarray, compression: int = 1) -> bytes:
   header = struct.pack('>IIBBBBB', width, height, 8, color_type, 0, 0, 0)
   return (_SIGNATURE + _chunk(b'IHDR', header) +
           _chunk(b'IDAT', zlib.compress(raw, compression)) + _chunk(b'IEND', b''))
+
+
+def read_png(path: str) -> np.ndarray:
+  """Decodes an 8-bit PNG file to `[height, width, channels]` uint8 (channels as stored).
+
+  Raises:
+    FileNotFoundError: naming the path, when it cannot be read.
+    ValueError: naming the path, when it is no decodable 8-bit PNG.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see module docstring)
+  try:
+    data = tf.io.read_file(path)
+  except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+    raise FileNotFoundError(f'cannot read PNG "{path}": {error.message}') from None
+  try:
+    return tf.io.decode_png(data, channels=0, dtype=tf.uint8).numpy()
+  except tf.errors.InvalidArgumentError as error:
+    raise ValueError(f'"{path}" is not a decodable 8-bit PNG: {error.message}') from None
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """Writes `[height, width]` or `[height, width, channels]` uint8 as a lossless PNG file
+  (its folder created if missing)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'PNG writer expects uint8, got {image.dtype} for "{path}"')
+  if image.ndim == 2:
+    image = image[..., None]
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  tf.io.write_file(path, tf.io.encode_png(image))

@@ -20,16 +20,37 @@ from deeplab2_kmax.model.layers import layer_norm
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import resized_fuse
 
+# The strides a decoder stage can run at, from the encoder's output stride down: stage i reads
+# encoder endpoint stage{5 - i} at stride ENCODER_OUTPUT_STRIDE / 2^i (stage1, stride 2, is
+# the finest endpoint the encoders give). A decoder with high_resolution_output_stride s has
+# a stage at each of these strides >= s (stage_strides).
+STAGE_STRIDES = tuple(common.ENCODER_OUTPUT_STRIDE >> i for i in range(5))
+# DeepLab2's defaults, one entry per stage of STAGE_STRIDES.
 DEFAULT_DIMS = (512, 256, 128, 64, 32)
 DEFAULT_NUM_BLOCKS = (1, 5, 1, 1, 1)
 DEFAULT_BLOCK_TYPES = ('axial', 'axial', 'bottleneck', 'bottleneck', 'bottleneck')
+# The high-resolution output strides DeepLab2 has defaults for; a decoder ending at another
+# stride needs its dims, num_blocks and block_types given.
+STRIDES_WITH_DEFAULTS = (4, 2)
+
+
+def stage_strides(high_resolution_output_stride: int) -> list[int]:
+  """Strides of the decoder stages, from 32 down to `high_resolution_output_stride`.
+
+  Raises:
+    ValueError: naming the stride, unless it is one of STAGE_STRIDES.
+  """
+  if high_resolution_output_stride not in STAGE_STRIDES:
+    raise ValueError(f'high_resolution_output_stride {high_resolution_output_stride} is no '
+                     f'pixel-decoder stride; use one of {", ".join(map(str, STAGE_STRIDES))}')
+  return [s for s in STAGE_STRIDES if s >= high_resolution_output_stride]
 
 
 def default_options(high_resolution_output_stride=4):
-  """(dims, num_blocks, block_types) of DeepLab2 for output stride 4 or 2."""
-  num_stages = {4: 4, 2: 5}.get(high_resolution_output_stride)
-  if num_stages is None:
+  """(dims, num_blocks, block_types) of DeepLab2 for output stride 4 or 2, one per stage."""
+  if high_resolution_output_stride not in STRIDES_WITH_DEFAULTS:
     raise ValueError('high_resolution_output_stride must be 4 or 2 for the defaults.')
+  num_stages = len(stage_strides(high_resolution_output_stride))
   return (list(DEFAULT_DIMS[:num_stages]), list(DEFAULT_NUM_BLOCKS[:num_stages]),
           list(DEFAULT_BLOCK_TYPES[:num_stages]))
 
@@ -52,8 +73,8 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
     norm_layer: Batch-norm factory.
   """
 
-  def __init__(self, dims=(512, 256, 128, 64), num_blocks=(1, 5, 1, 1),
-               block_types=('axial', 'axial', 'bottleneck', 'bottleneck'),
+  def __init__(self, dims=DEFAULT_DIMS[:4], num_blocks=DEFAULT_NUM_BLOCKS[:4],
+               block_types=DEFAULT_BLOCK_TYPES[:4],
                drop_path_keep_prob=1.0, atrous_rate=2, activation='gelu', norm_layer=None,
                **kwargs):
     super().__init__(**kwargs)
@@ -68,7 +89,7 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
     self.norm_layer = norm_layer or normalization.make_norm_layer()
     policy = self.dtype_policy
     num_stages = len(self.dims)
-    self._endpoint_names = [f'stage{5 - i}' for i in range(num_stages)]
+    self._endpoint_names = [f'stage{len(STAGE_STRIDES) - i}' for i in range(num_stages)]
     self._backbone_norms = [
         keras.layers.LayerNormalization(epsilon=1e-6, name=f'backbone_norms_{i}', dtype=policy)
         for i in range(num_stages)]
@@ -101,7 +122,7 @@ class KMaXPixelDecoder(normalization.NormLayerSerializable, keras.layers.Layer):
                               training)
     for i in range(len(self.dims) - 1):
       x = self._stages[i](x, training=training)
-      endpoints[common.decoder_stage_endpoint(common.ENCODER_OUTPUT_STRIDE >> i)] = x
+      endpoints[common.decoder_stage_endpoint(STAGE_STRIDES[i])] = x
       skip = layer_norm.layer_norm(self._backbone_norms[i + 1],
                                    endpoints[self._endpoint_names[i + 1]], training)
       x = self._skip_connections[i]([x, skip], training=training)
