@@ -344,10 +344,13 @@ def test_batched_segment_sum_equals_one_hot_product_and_drops_outside_ids():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('activation,reference_activation', [
+    ('gelu', lambda t: tf.nn.gelu(t, approximate=False)), ('relu', tf.nn.relu)])
 @pytest.mark.parametrize('shape', [(2, 5, 6, 8), (3, 7, 8)])
-def test_batch_norm_then_gelu_equals_op_by_op_in_training(shape):
-  # The one-step BN + GELU (issue #19's memory cut) against the two layers' own ops: outputs,
-  # gradients of the input, gamma and beta, and the moving averages.
+def test_batch_norm_then_activation_equals_op_by_op_in_training(shape, activation,
+                                                               reference_activation):
+  # The one-step BN + GELU or ReLU (issue #19's memory cut) against the two layers' own ops:
+  # outputs, gradients of the input, gamma and beta, and the moving averages.
   rng = np.random.RandomState(11)
   x = tf.constant(rng.normal(1.0, 2.0, size=shape), tf.float32)
   upstream = tf.constant(rng.normal(size=shape), tf.float32)
@@ -365,9 +368,9 @@ def test_batch_norm_then_gelu_equals_op_by_op_in_training(shape):
     with tf.GradientTape() as tape:
       tape.watch(x)
       if fused:
-        y = layer(x, training=True, then_gelu=True)
+        y = layer(x, training=True, then_activation=activation)
       else:
-        y = tf.nn.gelu(layer(x, training=True), approximate=False)
+        y = reference_activation(layer(x, training=True))
       value = tf.reduce_sum(y * upstream)
     gradients = tape.gradient(value, [x, layer.gamma, layer.beta])
     results.append([y, *gradients, layer.moving_mean, layer.moving_variance])
@@ -376,14 +379,16 @@ def test_batch_norm_then_gelu_equals_op_by_op_in_training(shape):
   assert np.abs(np.asarray(results[0][2])).max() > 0
 
 
-def test_batch_norm_then_gelu_backward_keeps_only_its_input():
+@pytest.mark.parametrize('activation', ['gelu', 'relu'])
+def test_batch_norm_then_activation_backward_keeps_only_its_input(activation):
   layer = normalization.BatchNorm(axis=-1)
   layer.build((4, 8, 8, 16))
   full = (4, 8, 8, 16)
   ours = retained_tensors.retained_for_backward(
-      lambda t: layer(t, training=True, then_gelu=True), tf.TensorSpec(full, tf.float32))
+      lambda t: layer(t, training=True, then_activation=activation),
+      tf.TensorSpec(full, tf.float32))
   reference = retained_tensors.retained_for_backward(
-      lambda t: activations.get_activation('gelu')(layer(t, training=True)),
+      lambda t: activations.get_activation(activation)(layer(t, training=True)),
       tf.TensorSpec(full, tf.float32))
   assert [kind for kind, shape in ours if shape == full] == ['Placeholder']
   assert len([kind for kind, shape in reference if shape == full]) == 2

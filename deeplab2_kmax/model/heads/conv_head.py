@@ -8,6 +8,7 @@ import keras
 
 from deeplab2_kmax.model.layers import convolutions
 from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import recomputed_activation
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
@@ -36,7 +37,8 @@ class ConvHead(normalization.NormLayerSerializable, keras.layers.Layer):
     del input_shape
 
   def call(self, inputs, training=None):
-    return self.final_conv(self.conv_block(inputs, training=training))
+    features = self.conv_block(inputs, training=training)
+    return recomputed_activation.keras_convolution(self.final_conv, features, training)
 
   def get_config(self):
     config = super().get_config()

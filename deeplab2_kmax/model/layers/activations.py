@@ -70,6 +70,69 @@ def exact_gelu_backward(x, upstream, scale=None, offset=None):
   return tf.cast(_gelu_backward_fused(x, tf.cast(upstream, x.dtype), *args), x.dtype)
 
 
+def _relu_backward_in_float32(x, upstream, scale=None, offset=None):
+  x = tf.cast(x, tf.float32)
+  if scale is not None:
+    x = x * scale + offset
+  # TF's ReluGrad: the upstream gradient where the input is positive, 0 elsewhere.
+  return tf.where(x > 0.0, upstream, tf.zeros_like(upstream))
+
+
+_relu_backward_fused = xla_elementwise.fused(_relu_backward_in_float32)
+
+
+def relu_backward(x, upstream, scale=None, offset=None):
+  """upstream where y > 0, else 0, in upstream's dtype; y as in `exact_gelu_backward`."""
+  args = () if scale is None else (scale, offset)
+  return _relu_backward_fused(x, tf.cast(upstream, x.dtype), *args)
+
+
+# The activations whose gradient a BN + activation training step (normalization.py) and the
+# recomputed activations (recomputed_activation.py) compute from the BN's input.
+_BACKWARD = {'gelu': exact_gelu_backward, 'relu': relu_backward}
+_FLOAT32_FORWARD = {'gelu': gelu_float32, 'relu': tf.nn.relu, None: lambda x: x}
+
+
+def has_input_gradient(name):
+  """Whether `backward(name, ...)` exists: the activation's gradient from its input alone."""
+  return name is not None and name.lower() in _BACKWARD
+
+
+def backward(name, x, upstream, scale=None, offset=None):
+  """The gradient of activation `name` ('gelu' or 'relu') at y = x (* scale + offset)."""
+  return _BACKWARD[name.lower()](x, upstream, scale=scale, offset=offset)
+
+
+def without_gradient(name, x):
+  """Activation `name` ('gelu' or 'relu') of x, for callers that differentiate it by hand."""
+  return fused_gelu(x) if name.lower() == 'gelu' else tf.nn.relu(x)
+
+
+def _affine_then_activation(x, scale, offset, name, residual=None):
+  y = tf.cast(x, tf.float32) * scale + offset
+  if residual is not None:
+    y = y + tf.cast(residual, tf.float32)
+  return tf.cast(_FLOAT32_FORWARD[name](y), x.dtype)
+
+
+_affine_then_activation_fused = xla_elementwise.fused(_affine_then_activation)
+
+
+def affine_then_activation(name, x, scale, offset, residual=None):
+  """activation(x * scale + offset [+ residual]) in x's dtype, computed in float32 as one XLA
+  kernel on large maps (no gradient of its own: the callers differentiate it by hand).
+
+  Args:
+    name: 'gelu' (exact), 'relu' or None (none).
+    x: [..., channels], any float dtype.
+    scale, offset: float32, broadcasting against x (per channel: [channels]).
+    residual: Optional, x's shape.
+  """
+  return _affine_then_activation_fused(x, tf.cast(scale, tf.float32),
+                                       tf.cast(offset, tf.float32),
+                                       None if name is None else name.lower(), residual)
+
+
 def _approximate_gelu(x):
   return tf.nn.gelu(x, approximate=True)
 

@@ -9,12 +9,15 @@ Sub-layer names ('conv', 'batch_norm', 'depthwise_conv', 'depthwise', 'pointwise
 DeepLab2, so variable paths correspond one to one with its checkpoint keys.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
+from deeplab2_kmax.model.layers import recomputed_activation
 
 
 def _explicit_padding(kernel_size, atrous_rate):
@@ -123,19 +126,38 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
     outputs = batch * (height // self.strides) * (width // self.strides) * self.output_channels
     return 2 * self.kernel_size ** 2 * channels * self.output_channels < outputs
 
-  def call(self, inputs, training=None, residual=None):
-    """Convolution, BN, `+ residual` (a tensor of the output's shape, if given), activation."""
-    x = inputs
+  def _pad(self, x):
     if self._padding is not None and self._padding != (0, 0):
       begin, end = self._padding
       x = tf.pad(x, [[0, 0], [begin, end], [begin, end], [0, 0]])
+    return x
+
+  def _pad_and_convolve(self, x, kernel):
+    """The undilated convolution without bias, `kernel` a tensor: what a recomputed input's
+    backward pass differentiates."""
+    return tf.nn.conv2d(self._pad(x), kernel, strides=self.strides,
+                        padding='SAME' if self.strides == 1 else 'VALID')
+
+  def call(self, inputs, training=None, residual=None):
+    """Convolution, BN, `+ residual` (a tensor of the output's shape, if given), activation."""
+    recipe = None
+    if training and self.atrous_rate == 1 and self._conv.built:
+      recipe = recomputed_activation.recipe_of(inputs)
+    x = self._pad(inputs)
     batch_norm = self._batch_norm
     if (batch_norm is not None and not training and batch_norm.built and self._conv.built
         and residual is None and self._fold_into_kernel(x)):
       scale, offset = batch_norm.inference_scale_offset()
       y = self._convolve(x, training, kernel=self._conv.kernel * scale)
       return self._activation_fn(tf.nn.bias_add(y, tf.cast(offset, y.dtype)))
-    x = self._convolve(x, training)
+    if recipe is None:
+      x = self._convolve(x, training)
+    else:
+      # The input is a BN + activation output: its kernel gradient recomputes it.
+      x = recomputed_activation.convolve(recipe, inputs, tf.cast(self._conv.kernel, x.dtype),
+                                         self._pad_and_convolve)
+      if self.use_bias:
+        x = tf.nn.bias_add(x, tf.cast(self._conv.bias, x.dtype))
     if batch_norm is None:
       x = x if residual is None else x + residual
     elif residual is None:
@@ -145,7 +167,13 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
           and self._activation_fn is activations.get_activation(None)):
       return inference_fusion.affine_add(x, *batch_norm.inference_scale_offset(), residual)
     else:
-      x = batch_norm(x, training=training) + residual
+      normalized = batch_norm(x, training=training)
+      x = normalized + residual
+      recipes = [recomputed_activation.recipe_of(t) for t in (normalized, residual)]
+      if training and None not in recipes and recipes[0].activation is None:
+        # A residual block's non-activated output: the next block's input activation can
+        # then recompute it (recomputed_activation.activate).
+        recomputed_activation.mark(x, dataclasses.replace(recipes[0], residual=recipes[1]))
     return self._activation_fn(x)
 
   def get_config(self):
@@ -299,7 +327,13 @@ class DepthwiseConv2DSame(normalization.NormLayerSerializable, keras.layers.Laye
     conv = self._depthwise_conv
     if (training and conv.built and self.strides == 1 and self.atrous_rate == 1
         and self.kernel_size % 2 == 1):
-      convolved = _depthwise_same_with_fast_gradient(x, tf.cast(conv.kernel, x.dtype))
+      kernel = tf.cast(conv.kernel, x.dtype)
+      recipe = recomputed_activation.recipe_of(inputs)
+      if recipe is None:
+        convolved = _depthwise_same_with_fast_gradient(x, kernel)
+      else:
+        convolved = recomputed_activation.convolve(recipe, x, kernel,
+                                                   _depthwise_same_with_fast_gradient)
     else:
       convolved = conv(x)
     return inference_fusion.normalize_and_activate(
@@ -436,7 +470,7 @@ class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
     del input_shape
 
   def call(self, inputs, training=None):
-    x = self._conv(inputs)
+    x = recomputed_activation.keras_convolution(self._conv, inputs, training)
     if self._batch_norm is None:
       return self._activation_fn(x)
     return inference_fusion.normalize_and_activate(x, self._batch_norm, self.activation,

@@ -15,6 +15,7 @@ Nothing here runs when `training` (training fuses its own GELU and gradient: act
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import recomputed_activation
 from deeplab2_kmax.model.layers import xla_elementwise
 
 
@@ -27,10 +28,6 @@ def is_active(training):
 def is_fusable(activation, training):
   """Whether a BN + `activation` (a name) chain is fused: at inference, for the exact GELU."""
   return is_active(training) and activation is not None and activation.lower() == 'gelu'
-
-
-def _affine_gelu(x, scale, offset):
-  return tf.cast(activations.gelu_float32(tf.cast(x, tf.float32) * scale + offset), x.dtype)
 
 
 def _affine_add(x, scale, offset, residual):
@@ -50,7 +47,7 @@ def _affine_to_float32(x, scale, offset):
 
 
 _FUSED = {function: xla_elementwise.fused(function) for function in (
-    _affine_gelu, _affine_add, _affine_l2_normalize, _affine_to_float32)}
+    _affine_add, _affine_l2_normalize, _affine_to_float32)}
 
 
 def _run(function, x, *args):
@@ -68,7 +65,7 @@ def affine_gelu(x, scale, offset):
     x: [..., channels] tensor (any float dtype).
     scale, offset: [channels], e.g. `BatchNorm.inference_scale_offset()`.
   """
-  return _run(_affine_gelu, x, *_float32(scale, offset))
+  return activations.affine_then_activation('gelu', x, scale, offset)
 
 
 def gelu(x):
@@ -80,15 +77,18 @@ def normalize_and_activate(x, batch_norm, activation_name, activation_fn, traini
   """activation_fn(batch_norm(x)), as one fused step for a BN + exact GELU at inference."""
   if batch_norm.built and is_fusable(activation_name, training):
     return affine_gelu(x, *batch_norm.inference_scale_offset())
-  if activation_name is not None and activation_name.lower() == 'gelu':
-    return batch_norm(x, training=training, then_gelu=True)
+  if training and activations.has_input_gradient(activation_name):
+    return batch_norm(x, training=training, then_activation=activation_name)
   return activation_fn(batch_norm(x, training=training))
 
 
 def activation(x, name, training, fallback):
-  """`name`(x), fused when `is_fusable(name, training)`; else fallback(x)."""
+  """`name`(x), fused when `is_fusable(name, training)`; else fallback(x) (an exact GELU in
+  training marked for a following convolution to recompute: recomputed_activation.activate)."""
   if is_fusable(name, training):
     return gelu(x)
+  if training and activations.has_input_gradient(name):
+    return recomputed_activation.activate(x, name.lower())
   return fallback(x)
 
 

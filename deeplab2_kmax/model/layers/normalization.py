@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import activations
+from deeplab2_kmax.model.layers import recomputed_activation
 from deeplab2_kmax.model.layers import xla_elementwise
 
 
@@ -223,48 +224,58 @@ class BatchNorm(keras.layers.Layer):
     x = _fused_kernel_input(inputs)
     outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
         x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
-    self._update_moving_averages(mean, _biased_variance(unbiased_variance, x))
-    return tf.cast(outputs, self.compute_dtype)
+    variance = _biased_variance(unbiased_variance, x)
+    self._update_moving_averages(mean, variance)
+    return tf.cast(outputs, self.compute_dtype), *self._batch_scale_offset(mean, variance)
 
-  def _fused_training_gelu(self, inputs):
-    """gelu(BN(inputs)) in training, keeping only `inputs` for the backward pass.
+  def _batch_scale_offset(self, mean, variance):
+    """The training normalisation as x * scale + offset (no gradient): a recipe's affine map."""
+    scale = tf.stop_gradient(self.gamma * tf.math.rsqrt(variance + self.epsilon))
+    return scale, tf.stop_gradient(self.beta) - tf.stop_gradient(mean) * scale
 
-    Differentiating BN and GELU one after the other keeps the normalised tensor (GELU's input)
-    besides `inputs` (BN's) until the backward pass: one more full-size tensor per BN + GELU,
-    ~0.5 GB of the kMaX-R50 step at 641x641, batch 2 (docs/benchmarks.md, issue #19). Here
-    the backward pass renormalises `inputs` with the batch moments inside the GELU gradient's
-    XLA kernel (activations.exact_gelu_backward) and calls TF's fused BN gradient with the
-    forward's reserve spaces, as TF's own gradient does; the result equals the op-by-op
-    gradient to float32 rounding (tests/model/test_layers.py).
+  def _fused_training_activation(self, inputs, activation):
+    """(activation(BN(inputs)), scale, offset) in training, keeping only `inputs` for the
+    backward pass; `activation` is 'gelu' or 'relu', and the output is that of
+    activation(inputs * scale + offset) with the batch statistics' per-channel affine map.
+
+    Differentiating BN and the activation one after the other keeps the normalised tensor (the
+    activation's input) besides `inputs` (BN's) until the backward pass: one more full-size
+    tensor per BN + GELU, ~0.5 GB of the kMaX-R50 step at 641x641, batch 2 (docs/benchmarks.md,
+    issue #19). Here the backward pass renormalises `inputs` inside the activation gradient's
+    XLA kernel (activations.backward) and calls TF's fused BN gradient with the forward's
+    reserve spaces, as TF's own gradient does; the result equals the op-by-op gradient to
+    float32 rounding (tests/model/test_layers.py). The output is computed from `inputs` with the
+    same function a consumer convolution recomputes it with (recomputed_activation.py).
     """
     x = _fused_kernel_input(inputs)
     epsilon = self.epsilon
 
     @tf.custom_gradient
-    def normalize_and_gelu(x, gamma, beta):
-      normalized, mean, unbiased_variance, reserve_1, reserve_2, reserve_3 = (
+    def normalize_and_activate(x, gamma, beta):
+      _, mean, unbiased_variance, reserve_1, reserve_2, reserve_3 = (
           tf.raw_ops.FusedBatchNormV3(
               x=x, scale=gamma, offset=beta, mean=tf.constant([], tf.float32),
               variance=tf.constant([], tf.float32), epsilon=epsilon, is_training=True))
       variance = _biased_variance(unbiased_variance, x)
-      outputs = activations.get_activation('gelu')(normalized)
+      scale = gamma * tf.math.rsqrt(variance + epsilon)
+      offset = beta - mean * scale
+      outputs = activations.affine_then_activation(activation, x, scale, offset)
 
       def gradient(upstream, *unused_statistics_upstream):
-        scale = gamma * tf.math.rsqrt(variance + epsilon)
-        normalized_upstream = activations.exact_gelu_backward(
-            x, upstream, scale=scale, offset=beta - mean * scale)
+        normalized_upstream = activations.backward(activation, x, upstream, scale=scale,
+                                                   offset=offset)
         x_grad, gamma_grad, beta_grad, _, _ = tf.raw_ops.FusedBatchNormGradV3(
             y_backprop=normalized_upstream, x=x, scale=gamma, reserve_space_1=reserve_1,
             reserve_space_2=reserve_2, reserve_space_3=reserve_3, epsilon=epsilon,
             is_training=True)
         return x_grad, gamma_grad, beta_grad
 
-      return (outputs, mean, variance), gradient
+      return (outputs, mean, variance, scale, offset), gradient
 
-    outputs, mean, variance = normalize_and_gelu(x, tf.convert_to_tensor(self.gamma),
-                                                 tf.convert_to_tensor(self.beta))
+    outputs, mean, variance, scale, offset = normalize_and_activate(
+        x, tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta))
     self._update_moving_averages(tf.stop_gradient(mean), tf.stop_gradient(variance))
-    return tf.cast(outputs, self.compute_dtype)
+    return tf.cast(outputs, self.compute_dtype), tf.stop_gradient(scale), tf.stop_gradient(offset)
 
   def _update_moving_averages(self, mean, variance):
     if moving_average_updates_are_off():
@@ -276,28 +287,37 @@ class BatchNorm(keras.layers.Layer):
         self.momentum * self.moving_variance
         + (1.0 - self.momentum) * tf.reshape(variance, self._param_shape))
 
-  def call(self, inputs, training=None, then_gelu=False):
-    """Normalises `inputs`; with `then_gelu`, returns the exact GELU of the result (in training
-    as one step whose backward pass keeps less memory)."""
+  def call(self, inputs, training=None, then_activation=None):
+    """Normalises `inputs`; with `then_activation` ('gelu' or 'relu'), returns that activation
+    of the result (in training as one step whose backward pass keeps only `inputs`, and whose
+    output a following convolution can recompute: recomputed_activation.py)."""
     rank = len(inputs.shape)
     axes = self._axes(rank)
+    activation = activations.get_activation(then_activation)
     # Statistics per channel of a channels-last tensor map onto TF's fused kernels (any other
     # rank through a [1, 1, elements, channels] view), except when the moments must be summed
     # across replicas first.
     fused = axes == [rank - 1] and (
         not training or not self.synchronized or _replica_context() is None)
-    if fused:
-      if training and then_gelu:
-        kernel = self._fused_training_gelu
+    if fused and training and (then_activation is None
+                               or activations.has_input_gradient(then_activation)):
+      # Marked with how it is recomputed from `inputs`, which the gradient keeps anyway.
+      name = None if then_activation is None else then_activation.lower()
+      flat = inputs if rank == 4 else tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
+      if name is None:
+        outputs, scale, offset = self._fused_training(flat)
       else:
-        kernel = self._fused_training if training else self._fused_inference
+        outputs, scale, offset = self._fused_training_activation(flat, name)
+      if rank != 4:
+        outputs = tf.reshape(outputs, tf.shape(inputs))
+      return recomputed_activation.mark(outputs, recomputed_activation.Recipe(
+          _fused_kernel_input(inputs), scale, offset, name, outputs.dtype))
+    if fused:
       if rank == 4:
-        outputs = kernel(inputs)
+        outputs = self._fused_inference(inputs)
       else:
         flat = tf.reshape(inputs, [1, 1, -1, inputs.shape[-1]])
-        outputs = tf.reshape(kernel(flat), tf.shape(inputs))
-      if training and then_gelu:
-        return outputs
+        outputs = tf.reshape(self._fused_inference(flat), tf.shape(inputs))
     else:
       x = tf.cast(inputs, tf.float32)
       shape = self._broadcast_shape(rank)
@@ -308,8 +328,7 @@ class BatchNorm(keras.layers.Layer):
         outputs, mean, variance = _normalize_with_batch_moments(
             inputs, gamma, beta, reduce_axes, self.epsilon)
         self._update_moving_averages(tf.stop_gradient(mean), tf.stop_gradient(variance))
-        outputs = tf.cast(outputs, self.compute_dtype)
-        return activations.get_activation('gelu')(outputs) if then_gelu else outputs
+        return activation(tf.cast(outputs, self.compute_dtype))
       if training:
         mean, variance = self._moments(x, reduce_axes)
         self._update_moving_averages(mean, variance)
@@ -318,7 +337,7 @@ class BatchNorm(keras.layers.Layer):
         variance = tf.reshape(self.moving_variance, shape)
       scale = gamma * tf.math.rsqrt(variance + self.epsilon)
       outputs = tf.cast(x * scale + (beta - mean * scale), self.compute_dtype)
-    return activations.get_activation('gelu')(outputs) if then_gelu else outputs
+    return activation(outputs)
 
   def compute_output_shape(self, input_shape):
     return input_shape

@@ -18,6 +18,7 @@ from deeplab2_kmax.model import recompute
 from deeplab2_kmax.model.layers import activations
 from deeplab2_kmax.model.layers import blocks
 from deeplab2_kmax.model.layers import drop_path
+from deeplab2_kmax.model.layers import inference_fusion
 from deeplab2_kmax.model.layers import normalization
 from deeplab2_kmax.model.layers import stems
 
@@ -116,7 +117,8 @@ class ResNet(normalization.NormLayerSerializable, keras.layers.Layer):
         x = stage(x, training=training)
       endpoints[f'stage{index + 2}'] = x
     for index in range(1, 6):
-      endpoints[f'res{index}'] = self._activation_fn(endpoints[f'stage{index}'])
+      endpoints[f'res{index}'] = inference_fusion.activation(
+          endpoints[f'stage{index}'], self.activation, training, self._activation_fn)
     return endpoints
 
   def get_config(self):
