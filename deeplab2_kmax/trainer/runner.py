@@ -204,7 +204,7 @@ class Experiment:
         summary_interval=trainer_options.save_summaries_steps, total_steps=total,
         summary_dir=model_dir if chief else None,
         metrics_path=os.path.join(model_dir, controller_lib.METRICS_FILE) if chief else None,
-        log_fn=log_fn)
+        log_fn=log_fn, recovery_max_trials=trainer_options.recovery_max_trials)
     if resumed:
       self.controller.note_restored(resumed)
 
