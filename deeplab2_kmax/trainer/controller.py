@@ -32,6 +32,10 @@ It does what orbit.Controller did for us, differently where a user noticed:
   recovery stops training with the trainer's error, which then says how many recoveries were
   made. A fresh run with recovery saves its start step first (ckpt-0) so that a blow-up before
   the first interval checkpoint has one to return to.
+- Preemption (trainer/preemption.py): with a `preemption` watcher set, every training loop
+  starts with its check, where TensorFlow's PreemptionCheckpointHandler may save (through
+  save_checkpoint) and exit with status 42 after a SIGTERM to any worker; metrics.jsonl then
+  ends with a `"mode": "preemption"` record of the step saved.
 - Train records of metrics.jsonl carry `first_step` as well as `step`: the loop trained the
   global steps first_step..step, so a run's records (the chief's in model_dir; each other
   worker's in its scratch folder) show which steps were trained, and after a resume or a
@@ -143,6 +147,8 @@ class RunController:
     self.recovery_max_trials = max(0, recovery_max_trials)
     # Blow-ups recovered from by this process.
     self.recoveries = 0
+    # preemption.PreemptionWatcher, set by the runner for training (None: SIGTERM kills).
+    self.preemption = None
     self.variables = checkpoint_layout.named_variables(checkpoint) if checkpoint is not None else {}
     self.steps_per_loop = max(1, steps_per_loop)
     self.checkpoint_interval = max(0, checkpoint_interval)
@@ -209,7 +215,16 @@ class RunController:
 
   # ---- Training ----
 
+  def note_preemption(self, step: int, path: Optional[str]) -> None:
+    """The metrics record of a preemption save (PreemptionWatcher's on_exit); `path`: the
+    checkpoint written then (None: that step was saved already)."""
+    del path  # metrics.jsonl holds numbers; the console line names the file.
+    self.metrics.append('preemption', step, {})
+
   def _train_loop(self, end: int) -> None:
+    if self.preemption is not None:
+      # Every worker checks here, before the same loop: a preemption saves this step.
+      self.preemption.check()
     start = int(self.global_step.numpy())
     if not self._first_loop_done:
       self.log_fn('[train] tracing and compiling the first step (about a minute on CPU)…')
