@@ -78,7 +78,7 @@ def main(argv):
     runner.run_experiment(config, _MODE.value, _MODEL_DIR.value, strategy,
                           command_line=['python', '-m', 'deeplab2_kmax.train', *sys.argv[1:]],
                           checkpoint_path=_CHECKPOINT_PATH.value)
-  except (config_lib.ConfigError, pipeline.DataError, trainer.NonFiniteLossError,
+  except (config_lib.ConfigError, pipeline.DataError, trainer.LossBlowUpError,
           controller.NonFiniteStateError,
           runner.NoCheckpointError, strategy_lib.StrategyError,
           checkpoint_layout.CheckpointMismatchError,

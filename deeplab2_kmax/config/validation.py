@@ -382,6 +382,13 @@ def _check_trainer(c: _Checker, trainer):
             f'"{value}" is unknown; use one of {", ".join(recompute.PARTS)}')
   c.check(len(set(trainer.recompute)) == len(trainer.recompute), 'trainer_options.recompute',
           f'names a part twice: {list(trainer.recompute)}')
+  c.check(math.isfinite(trainer.loss_upper_bound) and trainer.loss_upper_bound >= 0,
+          'trainer_options.loss_upper_bound',
+          f'{trainer.loss_upper_bound:g} must be finite and >= 0 (0: no bound, only a NaN/Inf '
+          'loss counts as a blow-up); set it well above the losses of a healthy run')
+  c.check(trainer.recovery_max_trials >= 0, 'trainer_options.recovery_max_trials',
+          f'{trainer.recovery_max_trials} must be >= 0 (0: no recovery, a blow-up stops '
+          'training)')
   c.check(solver.optimizer in OPTIMIZERS, 'trainer_options.solver_options.optimizer',
           f'"{solver.optimizer}" is unknown; use one of {", ".join(OPTIMIZERS)}')
   c.check(solver.learning_policy in LEARNING_POLICIES,

@@ -22,7 +22,24 @@ It does what orbit.Controller did for us, differently where a user noticed:
 - A checkpoint is written only when every variable it holds is finite (a diverging run can
   overflow a batch-norm moving variance to Inf while its loss stays finite). Otherwise training
   stops with NonFiniteStateError naming the variables and the last checkpoint whose variables
-  are all finite; a non-finite loss (trainer.NonFiniteLossError) names that checkpoint too.
+  are all finite; a non-finite loss (trainer.NonFiniteLossError), or one above
+  trainer_options.loss_upper_bound (trainer.LossAboveBoundError), names that checkpoint too.
+- Blow-up recovery (recovery_max_trials > 0): instead of stopping at such a loss, the last
+  checkpoint whose variables are all finite is restored and training goes on from its step
+  with the batches that follow the ones already read: the batches read since that checkpoint
+  (the bad one among them) are skipped. The console says so (`[train] recovery 1/3: ...`) and
+  metrics.jsonl gets a `"mode": "recovery"` record; the blow-up after the last allowed
+  recovery stops training with the trainer's error, which then says how many recoveries were
+  made. A fresh run with recovery saves its start step first (ckpt-0) so that a blow-up before
+  the first interval checkpoint has one to return to.
+- Preemption (trainer/preemption.py): with a `preemption` watcher set, every training loop
+  starts with its check, where TensorFlow's PreemptionCheckpointHandler may save (through
+  save_checkpoint) and exit with status 42 after a SIGTERM to any worker; metrics.jsonl then
+  ends with a `"mode": "preemption"` record of the step saved.
+- Train records of metrics.jsonl carry `first_step` as well as `step`: the loop trained the
+  global steps first_step..step, so a run's records (the chief's in model_dir; each other
+  worker's in its scratch folder) show which steps were trained, and after a resume or a
+  recovery which ones were trained again.
 """
 
 import json
@@ -60,6 +77,8 @@ def loop_end(step: int, total_steps: int, steps_per_loop: int, *intervals: int) 
 
 
 def _json_value(value):
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)
   value = float(value)
   return value if math.isfinite(value) else None
 
@@ -110,6 +129,8 @@ class RunController:
       workers).
     metrics_path: the JSON lines file (None: none).
     log_fn: receives the console lines.
+    recovery_max_trials: blow-ups recovered from before one stops training (0: the first one
+      does; see the module docstring).
   """
 
   def __init__(self, trainer, evaluator, global_step: tf.Variable,
@@ -117,11 +138,17 @@ class RunController:
                checkpoint: Optional[tf.train.Checkpoint], *, steps_per_loop: int,
                checkpoint_interval: int, summary_interval: int, total_steps: int,
                summary_dir: Optional[str], metrics_path: Optional[str],
-               log_fn: Callable[[str], None] = print):
+               log_fn: Callable[[str], None] = print, recovery_max_trials: int = 0):
     self.trainer = trainer
     self.evaluator = evaluator
     self.global_step = global_step
     self.manager = manager
+    self.checkpoint = checkpoint
+    self.recovery_max_trials = max(0, recovery_max_trials)
+    # Blow-ups recovered from by this process.
+    self.recoveries = 0
+    # preemption.PreemptionWatcher, set by the runner for training (None: SIGTERM kills).
+    self.preemption = None
     self.variables = checkpoint_layout.named_variables(checkpoint) if checkpoint is not None else {}
     self.steps_per_loop = max(1, steps_per_loop)
     self.checkpoint_interval = max(0, checkpoint_interval)
@@ -188,19 +215,36 @@ class RunController:
 
   # ---- Training ----
 
+  def note_preemption(self, step: int, path: Optional[str]) -> None:
+    """The metrics record of a preemption save (PreemptionWatcher's on_exit); `path`: the
+    checkpoint written then (None: that step was saved already)."""
+    del path  # metrics.jsonl holds numbers; the console line names the file.
+    self.metrics.append('preemption', step, {})
+
   def _train_loop(self, end: int) -> None:
+    if self.preemption is not None:
+      # Every worker checks here, before the same loop: a preemption saves this step.
+      self.preemption.check()
     start = int(self.global_step.numpy())
     if not self._first_loop_done:
       self.log_fn('[train] tracing and compiling the first step (about a minute on CPU)…')
     try:
       with self.train_summaries.summary_writer().as_default():
         output = self.trainer.train(tf.constant(end - start, tf.int32))
-    except trainer_lib.NonFiniteLossError as error:
-      raise trainer_lib.NonFiniteLossError(f'{error} {self.last_finite_text()}') from None
+    except trainer_lib.LossBlowUpError as error:
+      self._first_loop_done = True
+      if self.recoveries < self.recovery_max_trials and self.last_finite is not None:
+        self._recover(error, start)
+        return
+      made = (f' This was the blow-up after {self.recoveries} recover'
+              f'{"y" if self.recoveries == 1 else "ies"} (trainer_options.recovery_max_trials: '
+              f'{self.recovery_max_trials}).' if self.recovery_max_trials else '')
+      raise type(error)(f'{error}{made} {self.last_finite_text()}', step=error.step,
+                        loss=error.loss) from None
     self._first_loop_done = True
     step = int(self.global_step.numpy())
     scalars = {name: float(value) for name, value in (output or {}).items()}
-    self.metrics.append('train', step, scalars)
+    self.metrics.append('train', step, {'first_step': start + 1, **scalars})
     if step // self.summary_interval > start // self.summary_interval:
       self.train_summaries.write_summaries(output or {})
       self.train_summaries.flush()
@@ -212,12 +256,42 @@ class RunController:
       line += f'; saved {os.path.basename(saved)}'
     self.log_fn(line)
 
+  def _recover(self, error: 'trainer_lib.LossBlowUpError', loop_start: int) -> None:
+    """Restores the last all-finite checkpoint after `error` (a blow-up in the loop that
+    started at global step `loop_start`); the data iterator stays where it is, so the batches
+    read since that checkpoint are skipped."""
+    self.recoveries += 1
+    path, step = self.last_finite
+    reached = int(self.global_step.numpy())
+    checkpoint_layout.restore(self.checkpoint, path)
+    # Not rewritten: that step's checkpoint is on disk already.
+    self._last_saved_step = step
+    what = ('non-finite (NaN/Inf) loss' if isinstance(error, trainer_lib.NonFiniteLossError)
+            else f'loss {error.loss:.6g} above trainer_options.loss_upper_bound')
+    skipped = reached - step
+    steps = f'step {reached}' if skipped == 1 else f'steps {step + 1}-{reached}'
+    self.log_fn(f'[train] recovery {self.recoveries}/{self.recovery_max_trials}: {what} at '
+                f'step {error.step} (its update was not applied); restored '
+                f'{os.path.basename(path)} (step {step}) and skipped the {skipped} batch'
+                f'{"es" if skipped != 1 else ""} read since it ({steps} of the interrupted '
+                f'loop); training goes on from step {step}.')
+    self.metrics.append('recovery', step, {'bad_step': error.step, 'loss': error.loss,
+                                           'restored_step': step, 'reached_step': reached,
+                                           'skipped_batches': skipped,
+                                           'trial': self.recoveries})
+
   def train(self, until_step: Optional[int] = None, eval_interval: int = 0,
             save_at_end: bool = True) -> None:
     """Trains to `until_step` (default total_steps), loops cut at checkpoint multiples and
     multiples of eval_interval; then saves (unless saved at this step already)."""
     until_step = self.total_steps if until_step is None else until_step
     step = int(self.global_step.numpy())
+    if self.recovery_max_trials and self.last_finite is None and step < until_step:
+      # Blow-up recovery needs a checkpoint to return to before the first interval one.
+      path = self.save_checkpoint()
+      if path:
+        self.log_fn(f'[train] saved {os.path.basename(path)} (start step: blow-up recovery '
+                    f'returns to it until a later checkpoint is written)')
     while step < until_step:
       self._train_loop(loop_end(step, until_step, self.steps_per_loop,
                                 self.checkpoint_interval, eval_interval))

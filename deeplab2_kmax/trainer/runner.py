@@ -17,6 +17,7 @@ thing instances than the model has mask slots (trainer.py).
 
 import os
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 from absl import logging
@@ -38,6 +39,7 @@ from deeplab2_kmax.trainer import controller as controller_lib
 from deeplab2_kmax.trainer import evaluator as evaluator_lib
 from deeplab2_kmax.trainer import loss_scale as loss_scale_lib
 from deeplab2_kmax.trainer import optimizer as optimizer_lib
+from deeplab2_kmax.trainer import preemption as preemption_lib
 from deeplab2_kmax.trainer import strategy as strategy_lib
 from deeplab2_kmax.trainer import trainer as trainer_lib
 
@@ -147,6 +149,9 @@ class Experiment:
                                                           self.global_step, self.loss_scale)
     self.manager = checkpoints.make_manager(self.checkpoint, model_dir, self.global_step,
                                             trainer_options, self.strategy)
+    if not chief:
+      # This worker's metrics.jsonl goes there before its first checkpoint does.
+      tf.io.gfile.makedirs(self.manager.directory)
     if training:
       # This process is the one writer of checkpoints here: no save of ours is under way.
       removed = checkpoints.remove_unfinished_writes(self.manager.directory)
@@ -203,10 +208,17 @@ class Experiment:
         checkpoint_interval=trainer_options.save_checkpoints_steps,
         summary_interval=trainer_options.save_summaries_steps, total_steps=total,
         summary_dir=model_dir if chief else None,
-        metrics_path=os.path.join(model_dir, controller_lib.METRICS_FILE) if chief else None,
-        log_fn=log_fn)
+        # Every worker logs the steps it trained: the chief in model_dir, the others in their
+        # scratch folder (no TensorBoard there).
+        metrics_path=os.path.join(model_dir if chief else self.manager.directory,
+                                  controller_lib.METRICS_FILE),
+        log_fn=log_fn, recovery_max_trials=trainer_options.recovery_max_trials)
     if resumed:
       self.controller.note_restored(resumed)
+    self._preemption_enabled = (training and not isinstance(self.strategy,
+                                                            tf.distribute.TPUStrategy)
+                                # The handler installs a SIGTERM handler: main thread only.
+                                and threading.current_thread() is threading.main_thread())
 
   def run(self):
     """Runs the mode; returns the last evaluation results (None when nothing was evaluated)."""
@@ -214,6 +226,13 @@ class Experiment:
     total = options.solver_options.training_number_of_steps
     eval_options = self.config.evaluator_options
     eval_steps = eval_options.eval_steps
+    if self._preemption_enabled:
+      # Created when the run starts (not in __init__): it installs the SIGTERM handler, which
+      # close() below takes away again.
+      self.controller.preemption = preemption_lib.PreemptionWatcher(
+          self.strategy, save_fn=self.controller.save_checkpoint,
+          step_fn=lambda: int(self.global_step.numpy()), log_fn=self.log_fn,
+          on_exit=self.controller.note_preemption)
     try:
       if self.mode == 'train':
         self.controller.train(total)
@@ -238,6 +257,10 @@ class Experiment:
       if message is None:
         raise
       raise pipeline_lib.DataError(message) from None
+    finally:
+      if self.controller.preemption is not None:
+        self.controller.preemption.close()
+        self.controller.preemption = None
     return self.evaluator.last_results if self.evaluator else None
 
 

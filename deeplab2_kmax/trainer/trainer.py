@@ -2,9 +2,12 @@
 
 Per replica, the per-example loss terms ([per-replica batch]) are summed and divided by the
 *global* batch, so the cross-replica sum of gradients is the gradient of the global-batch
-mean whatever the replica count. A step whose loss has a NaN/Inf term is not applied; the loop
-end then raises NonFiniteLossError naming that step, before a checkpoint is saved (the
-controller, trainer/controller.py, adds which checkpoint is the last one with finite values).
+mean whatever the replica count. A step whose loss has a NaN/Inf term, or whose global-batch
+total loss is above trainer_options.loss_upper_bound (when positive), is a blow-up: it is not
+applied, and the loop end raises NonFiniteLossError (NaN/Inf) or LossAboveBoundError naming the
+first such step of the loop and its loss, before a checkpoint is saved. The controller
+(trainer/controller.py) either stops with it, naming the last checkpoint whose values are all
+finite, or recovers from that checkpoint (trainer_options.recovery_max_trials).
 
 Each loop end leaves its console line in `last_line` (`[train] step 40/1000 loss ... lr ...
 images/s elapsed ... ETA ...`; the controller prints it) and returns the loop's scalars. It also
@@ -58,8 +61,26 @@ from deeplab2_kmax.trainer import optimizer as optimizer_lib
 MAX_IMAGE_SAMPLES = 2
 
 
-class NonFiniteLossError(RuntimeError):
+class LossBlowUpError(RuntimeError):
+  """A training step's loss was NaN/Inf or above loss_upper_bound; str(error) names the step.
+
+  Attributes:
+    step: the global step of the first such step of the loop (its update was not applied).
+    loss: that step's global-batch total loss (NaN/Inf, or the value above the bound).
+  """
+
+  def __init__(self, message: str, step: int = -1, loss: float = float('nan')):
+    super().__init__(message)
+    self.step = step
+    self.loss = loss
+
+
+class NonFiniteLossError(LossBlowUpError):
   """Training met a NaN/Inf loss; str(error) names the step."""
+
+
+class LossAboveBoundError(LossBlowUpError):
+  """Training met a finite loss above trainer_options.loss_upper_bound."""
 
 
 def mask_slots(model_options) -> tuple[str, int]:
@@ -120,8 +141,14 @@ class Trainer(orbit.StandardTrainer):
       self._sums = {name: tf.Variable(0.0, trainable=False, name=f'sum_{name}')
                     for name in self.term_names}
       self._count = tf.Variable(0.0, trainable=False, name='loop_steps')
-      # First step whose loss was not finite (-1: none).
+      # First step of the loop whose loss blew up (-1: none) and that step's total loss.
       self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name='bad_step')
+      self.bad_loss = tf.Variable(0.0, trainable=False, name='bad_loss')
+      # trainer_options.loss_upper_bound (0: no bound, only a NaN/Inf loss is a blow-up). A
+      # variable rather than a constant traced into the step, so that it can change without
+      # tracing the step again (tests/trainer/test_recovery.py does).
+      self.loss_upper_bound = tf.Variable(float(trainer_options.loss_upper_bound),
+                                          trainable=False, name='loss_upper_bound')
       self.dynamic_loss_scale = self.loss_scale = self.good_steps = None
       if self.loss_scaled:
         self.dynamic_loss_scale = loss_scale or loss_scale_lib.DynamicLossScale()
@@ -193,14 +220,22 @@ class Trainer(orbit.StandardTrainer):
     overflow = tf.cast(tf.logical_not(tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None])), tf.float32)
     num_replicas = self.strategy.num_replicas_in_sync
+    # This replica's share of the global-batch mean; the sum over replicas is the step's loss.
+    total_loss = tf.cast(scaled[common.TOTAL_LOSS], tf.float32)
     if num_replicas > 1:
-      bad, overflow = context.all_reduce(tf.distribute.ReduceOp.SUM, [bad, overflow])
+      bad, overflow, total_loss = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                     [bad, overflow, total_loss])
     if self.loss_scaled:
       # A finite loss with overflowing gradients only skips the step (see module docstring).
       stop = tf.logical_or(bad > 0, self.dynamic_loss_scale.update(overflow))
       bad = tf.cast(stop, tf.float32)
     else:
       bad = bad + tf.cast(overflow > 0, tf.float32)
+    # The loss builder leaves non-finite per-example terms out of the total (and counts them):
+    # report such a step's loss as NaN. A finite loss above a positive bound blows up too.
+    total_loss = tf.where(bad > 0, tf.constant(np.nan, tf.float32), total_loss)
+    bound = self.loss_upper_bound.read_value()
+    bad = bad + tf.cast(tf.logical_and(bound > 0, total_loss > bound), tf.float32)
     if self.solver.use_gradient_clipping:
       # `gradients` are unscaled already (_gradients divides by the loss scale).
       if num_replicas > 1:
@@ -237,7 +272,7 @@ class Trainer(orbit.StandardTrainer):
                 lambda: None)
 
       context.merge_call(cross_replica, args=(ok, values))
-    return scaled, bad, things
+    return scaled, bad, things, total_loss
 
   def _keep_images(self, batch):
     for key, variable in self._vis.items():
@@ -266,6 +301,8 @@ class Trainer(orbit.StandardTrainer):
       variable.assign(0.0)
     self._count.assign(0.0)
     self.max_things.assign(0)
+    # A recovered blow-up of an earlier loop is history.
+    self.bad_step.assign(-1)
     self._loop_start = time.monotonic()
     self._loop_start_step = int(self.global_step.numpy())
     if self._run_start is None:
@@ -273,7 +310,8 @@ class Trainer(orbit.StandardTrainer):
       self._run_start_step = self._loop_start_step
 
   def train_step(self, iterator):
-    scaled, bad, things = self.strategy.run(self._replica_step, args=(next(iterator),))
+    scaled, bad, things, total_loss = self.strategy.run(self._replica_step,
+                                                        args=(next(iterator),))
     # ReduceOp has no MAX: this worker's replicas (a warning needs no more).
     self.max_things.assign(tf.maximum(self.max_things, tf.reduce_max(
         tf.stack(self.strategy.experimental_local_results(things)))))
@@ -282,18 +320,30 @@ class Trainer(orbit.StandardTrainer):
                                                        scaled[name], axis=None))
     # Every replica holds the same all-reduced count, so their mean is that count.
     bad = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, bad, axis=None)
-    self.bad_step.assign(tf.where(tf.logical_and(bad > 0, self.bad_step < 0),
-                                  self.global_step, self.bad_step))
+    total_loss = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, total_loss, axis=None)
+    first_bad = tf.logical_and(bad > 0, self.bad_step < 0)
+    # The step being trained is global_step + 1 (the variable counts finished steps).
+    self.bad_loss.assign(tf.where(first_bad, total_loss, self.bad_loss))
+    self.bad_step.assign(tf.where(first_bad, self.global_step + 1, self.bad_step))
     self._count.assign_add(1.0)
     self.global_step.assign_add(1)
 
   def train_loop_end(self):
     bad_step = int(self.bad_step.numpy())
     if bad_step >= 0:
-      raise NonFiniteLossError(
-          f'non-finite (NaN/Inf) loss at step {bad_step}; training stopped and the update was '
-          f'not applied (lower solver_options.base_learning_rate or enable '
-          f'use_gradient_clipping).')
+      loss = float(self.bad_loss.numpy())
+      bound = float(self.loss_upper_bound.numpy())
+      fix = ('lower solver_options.base_learning_rate or enable use_gradient_clipping')
+      # (A float16 gradient overflow at loss scale 1 also stops a step with a finite loss.)
+      if not (np.isfinite(loss) and 0 < bound < loss):
+        raise NonFiniteLossError(
+            f'non-finite (NaN/Inf) loss at step {bad_step}; training stopped and the update was '
+            f'not applied ({fix}).', step=bad_step, loss=loss)
+      raise LossAboveBoundError(
+          f'loss {loss:.6g} at step {bad_step} is above trainer_options.loss_upper_bound '
+          f'({bound:g}); training stopped and the update was not applied '
+          f'({fix}, or raise loss_upper_bound if such losses are normal for this run).',
+          step=bad_step, loss=loss)
     count = max(float(self._count.numpy()), 1.0)
     step = int(self.global_step.numpy())
     elapsed = time.monotonic() - self._loop_start

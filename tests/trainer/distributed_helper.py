@@ -11,6 +11,9 @@ initialisation, so these run outside the pytest process).
          optimizer variable, global step, loss scale) on MirroredStrategy over 2 logical CPUs
          after a normal step (0), a step whose scaled gradients overflow (1) and another
          normal step (2).
+    python -m tests.trainer.distributed_helper eval_mirrored DATA_DIR OUT_DIR
+      -> OUT_DIR/eval_{one_device,mirrored}.json: evaluation results of the same predictions
+         on one device and on MirroredStrategy over 2 logical CPUs.
 """
 
 import json
@@ -84,12 +87,68 @@ def _fp16_skip(data_dir, out_dir):
     np.savez(os.path.join(out_dir, f'fp16_skip_{index}.npz'), **_training_state(experiment))
 
 
+class _PartlyRightPredictions:
+  """Stands in for model + post-processor: predicts each image's ground truth, its columns
+  from a per-image position on rolled by 9 pixels, so that PQ, SQ and RQ lie strictly between
+  0 and 1 and every image contributes its own matches and misses (an image counted twice or
+  not at all changes them). Depends on the image alone, not on how images are batched."""
+
+  def __init__(self, descriptor):
+    self.divisor = descriptor.panoptic_label_divisor
+
+  def model(self, images, training=False):
+    del training
+    return {'images': images}
+
+  def __call__(self, outputs, batch):
+    from deeplab2_kmax import common  # pylint: disable=g-import-not-at-top
+    gt = batch[common.GT_PANOPTIC_RAW]
+    width = tf.shape(gt)[2]
+    # [batch, 1, 1]: a column from the image's mean intensity, in [0, width).
+    mean = tf.reduce_mean(outputs['images'], axis=[1, 2, 3])
+    start = tf.cast(tf.math.floormod(mean * 7.0, tf.cast(width, tf.float32)), tf.int32)
+    columns = tf.range(width)[tf.newaxis, tf.newaxis, :]
+    panoptic = tf.where(columns < start[:, tf.newaxis, tf.newaxis], gt,
+                        tf.roll(gt, shift=9, axis=2))
+    return {common.PRED_PANOPTIC: panoptic,
+            common.PRED_SEMANTIC: panoptic // self.divisor,
+            common.PRED_INSTANCE_SCORES: tf.ones_like(panoptic, tf.float32)}
+
+
+def _eval_mirrored(data_dir, out_dir):
+  """The real eval pipeline and Evaluator on one device and on 2 replicas; predictions from
+  _PartlyRightPredictions (no model to build and trace: seconds, not a minute)."""
+  from deeplab2_kmax.data.input import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
+  config = conftest.tiny_config(data_dir)
+  strategies = {'one_device': tf.distribute.OneDeviceStrategy('/cpu:0'),
+                'mirrored': strategy_lib.create_strategy(devices=['/cpu:0', '/cpu:1'])}
+  assert strategies['mirrored'].num_replicas_in_sync == 2
+  for name, strategy in strategies.items():
+    pipeline = pipeline_lib.InputPipeline(config.eval_dataset_options, is_training=False)
+    predictions = _PartlyRightPredictions(pipeline.descriptor)
+    evaluator = evaluator_lib.Evaluator(
+        config, predictions.model, predictions, pipeline.descriptor,
+        tf.Variable(0, dtype=tf.int64), strategy, runner._distribute(strategy, pipeline),  # pylint: disable=protected-access
+        log_fn=print)
+    evaluator.evaluate(tf.constant(-1, tf.int32))
+    results = dict(evaluator.last_results)
+    results.pop('seconds')
+    with open(os.path.join(out_dir, f'eval_{name}.json'), 'w') as f:
+      json.dump(results, f, default=float)
+
+
 def main(mode, data_dir, out_dir):
   from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
   if mode == 'fp16_skip':
     _fp16_skip(data_dir, out_dir)
+  elif mode == 'eval_mirrored':
+    _eval_mirrored(data_dir, out_dir)
   elif mode == 'mirrored':
     config = conftest.tiny_config(data_dir, OVERRIDE.replace('STEPS', '1'))
     single = runner.Experiment(config, 'train', os.path.join(out_dir, 'one'),
@@ -118,7 +177,7 @@ def main(mode, data_dir, out_dir):
 
 
 if __name__ == '__main__':
-  if sys.argv[1] in ('mirrored', 'fp16_skip'):
+  if sys.argv[1] in ('mirrored', 'fp16_skip', 'eval_mirrored'):
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
