@@ -14,6 +14,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from deeplab2_kmax.model.layers import segment_sum
+from deeplab2_kmax.model.layers import xla_elementwise
 from deeplab2_kmax.model.loss import hungarian
 from deeplab2_kmax.model.loss import targets as targets_lib
 
@@ -162,9 +163,38 @@ def slot_targets(targets: targets_lib.MaskTargets, matching: Matching,
       mask_slot_is_real=tf.cast(mask_slot_is_real, tf.float32))
 
 
+def _spread_to_slots(upstream, slot, num_slots):
+  # upstream[b, p] at slot[b, p] of a [batch, P, num_slots] zero tensor (one pass).
+  return tf.where(tf.range(num_slots)[None, None, :] == slot[:, :, None],
+                  upstream[:, :, None], tf.zeros_like(upstream)[:, :, None])
+
+
+_spread_to_slots_fused = xla_elementwise.fused(_spread_to_slots)
+
+
+def pick_slot(mask_logits: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
+  """mask_logits[b, p, slot[b, p]]: [batch, P, N] and int32 [batch, P] -> [batch, P].
+
+  The gradient writes the upstream gradient into its slot of a zero [batch, P, N] tensor in one
+  element-wise pass. TF's gradient of the batched gather is a scatter (UnsortedSegmentSum):
+  87-225 ms per call on [2, 25921, 128] in the kMaX-R50 step at 641x641, 14 calls (issue #19's
+  profile, docs/benchmarks.md). Equal to TF's gradient (tests/model/loss/test_loss_terms.py).
+  """
+  num_slots = mask_logits.shape[-1]
+
+  @tf.custom_gradient
+  def pick(logits):
+    def gradient(upstream):
+      return _spread_to_slots_fused(upstream, slot, num_slots)
+
+    return tf.gather(logits, slot[:, :, None], batch_dims=2)[:, :, 0], gradient
+
+  return pick(mask_logits)
+
+
 def logit_of_pixel_slot(mask_logits: tf.Tensor, slots: SlotTargets) -> tf.Tensor:
   """float32 [batch, P]: each pixel's logit for its mask's slot, -99999 for padding slots."""
-  picked = tf.gather(mask_logits, slots.pixel_slot[:, :, None], batch_dims=2)[:, :, 0]
+  picked = pick_slot(mask_logits, slots.pixel_slot)
   return tf.where(slots.pixel_slot_is_real > 0.5, picked, _PADDED_SLOT_LOGIT)
 
 

@@ -319,3 +319,24 @@ def test_slot_softmax_forms_equal_op_by_op_and_keep_only_logits():
   kept_by_tf = retained_tensors.retained_for_backward(
       lambda v: tf.reduce_sum(reference(v)[1]), spec)
   assert len([kind for kind, shape in kept_by_tf if shape == (2, 30, 7)]) >= 2
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 5), (1, 900, 160)])
+def test_pick_slot_equals_gather_and_its_gradient(shape):
+  # The per-pixel slot logit with a one-pass gradient (issue #19) against TF's batched gather
+  # and its scatter gradient; the larger shape runs the gradient as an XLA kernel.
+  rng = np.random.RandomState(shape[1])
+  logits = tf.constant(rng.normal(size=shape), tf.float32)
+  slot = tf.constant(rng.randint(0, shape[-1], size=shape[:2]), tf.int32)
+  upstream = tf.constant(rng.normal(size=shape[:2]), tf.float32)
+  results = []
+  for pick in (matching.pick_slot,
+               lambda t, s: tf.gather(t, s[:, :, None], batch_dims=2)[:, :, 0]):
+    with tf.GradientTape() as tape:
+      tape.watch(logits)
+      picked = pick(logits, slot)
+      value = tf.reduce_sum(picked * upstream)
+    results.append((picked, tape.gradient(value, logits)))
+  np.testing.assert_array_equal(results[0][0], results[1][0])
+  np.testing.assert_array_equal(results[0][1], results[1][1])
+  assert np.count_nonzero(results[0][1]) == shape[0] * shape[1]
