@@ -18,12 +18,13 @@ import json
 import os
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
 
 from deeplab2_kmax import command_line
+from deeplab2_kmax.data.formats import coco_panoptic
 from deeplab2_kmax.data.formats.coco_panoptic import PanopticFormatError
 from deeplab2_kmax.evaluation import panoptic_quality
 
@@ -59,22 +60,6 @@ def define_flags():
       'JSON; a wrong area gives PQ above 100).')
 
 
-def _load_json(path: str, what: str) -> Mapping[str, Any]:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise PanopticFormatError(f'{what} "{path}" does not exist') from None
-  except json.JSONDecodeError as error:
-    raise PanopticFormatError(f'{what} "{path}" is not valid JSON: {error}') from None
-  required = ('annotations', 'categories') if what == '--gt_json' else ('annotations',)
-  for key in required:
-    if not isinstance(data, dict) or key not in data:
-      raise PanopticFormatError(f'{what} "{path}" has no "{key}" list; expected a COCO panoptic '
-                                'JSON')
-  return data
-
-
 def evaluate(gt_json: str, gt_folder: str, pred_json: str, pred_folder: str,
              output_json: Optional[str] = None, num_workers: int = 1,
              verbose: bool = False, check_gt_areas: bool = False) -> dict[str, Any]:
@@ -86,8 +71,8 @@ def evaluate(gt_json: str, gt_folder: str, pred_json: str, pred_folder: str,
   for folder, what in ((gt_folder, '--gt_folder'), (pred_folder, '--pred_folder')):
     if not os.path.isdir(folder):
       raise PanopticFormatError(f'{what} "{folder}" is not a folder')
-  gt = _load_json(gt_json, '--gt_json')
-  pred = _load_json(pred_json, '--pred_json')
+  gt = coco_panoptic.load_json(gt_json, '--gt_json', required=('annotations', 'categories'))
+  pred = coco_panoptic.load_json(pred_json, '--pred_json')
   progress = None
   if verbose:
     def progress(done, total):

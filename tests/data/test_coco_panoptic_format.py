@@ -1,6 +1,8 @@
 """data/formats/coco_panoptic.py's readers of one PNG or one annotation: the one reader the
 converters, the validator, the evaluation and predict's tests share, with its checks."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -89,3 +91,21 @@ def test_segment_bbox_is_cocos_x_y_width_height():
   mask[1:3, 2:5] = True
   mask[4, 3] = True
   assert coco_panoptic.segment_bbox(mask) == [2, 1, 3, 4]
+
+
+def test_load_json_names_the_flag_the_missing_list_and_refuses_detection_json(tmp_path):
+  # One loader for the converters and the evaluator: errors name the file as the caller knows
+  # it (a flag for the evaluator) and the list that is missing.
+  path = tmp_path / 'gt.json'
+  path.write_text(json.dumps({'annotations': []}))
+  with pytest.raises(coco_panoptic.PanopticFormatError,
+                     match=r'--gt_json ".*gt.json" has no "categories" list'):
+    coco_panoptic.load_json(str(path), '--gt_json', required=('annotations', 'categories'))
+  assert coco_panoptic.load_json(str(path)) == {'annotations': []}
+  path.write_text(json.dumps({'annotations': [{'segmentation': [[0, 0, 1, 1]], 'bbox': [0] * 4}],
+                              'categories': []}))
+  with pytest.raises(coco_panoptic.PanopticFormatError, match='instance-segmentation'):
+    coco_panoptic.load_json(str(path), '--gt_json')
+  with pytest.raises(coco_panoptic.PanopticFormatError,
+                     match=r'--pred_json ".*absent.json" does not exist'):
+    coco_panoptic.load_json(str(tmp_path / 'absent.json'), '--pred_json')

@@ -194,24 +194,39 @@ def _int_field(entry: dict, key: str, where: str, path: str) -> int:
                           'fix: write ids as integers') from None
 
 
-def load_json(path: str) -> dict:
+def load_json(path: str, name: Optional[str] = None,
+              required: tuple[str, ...] = ('annotations',)) -> dict:
+  """A COCO panoptic JSON, checked: a dict whose `required` keys are lists, and no
+  instance-segmentation (detection) JSON in its place.
+
+  Args:
+    path: The JSON file.
+    name: How errors name the file besides its path, e.g. the flag that gave it
+      ('--gt_json "x.json" does not exist'); None: the path alone.
+    required: Keys that must hold lists.
+
+  Raises:
+    ConversionError (a PanopticFormatError) naming the file, what is wrong and the fix.
+  """
+  label = path if name is None else f'{name} "{path}"'
   if not os.path.isfile(path):
-    raise ConversionError(f'{path}: file not found; fix: check the path')
+    raise ConversionError(f'{label} does not exist; fix: check the path')
   try:
     with open(path, encoding='utf-8') as f:
       data = json.load(f)
   except (ValueError, UnicodeDecodeError) as error:
-    raise ConversionError(f'{path}: not valid JSON ({error}); fix: re-export the '
+    raise ConversionError(f'{label} is not valid JSON ({error}); fix: re-export the '
                           'annotations') from None
-  if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
-    raise ConversionError(f'{path}: no "annotations" list; fix: this must be a COCO panoptic '
-                          'JSON ({"images": [...], "annotations": [...], "categories": [...]})')
+  for key in required:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+      raise ConversionError(f'{label} has no "{key}" list; fix: this must be a COCO panoptic '
+                            'JSON ({"images": [...], "annotations": [...], "categories": [...]})')
   first = data['annotations'][0] if data['annotations'] else {}
   if isinstance(first, dict) and 'segments_info' not in first and (
       'segmentation' in first or 'bbox' in first):
     # e.g. labelme / CVAT exports: one entry per object with polygons or RLE (deeplab2 #141).
     raise ConversionError(
-        f'{path}: this is a COCO instance-segmentation (detection) JSON, one annotation per '
+        f'{label}: this is a COCO instance-segmentation (detection) JSON, one annotation per '
         'object with "segmentation", not the panoptic format (one annotation per image with '
         'a PNG "file_name" and "segments_info"); fix: convert it to COCO panoptic format '
         'first, e.g. with panopticapi\'s converters/detection2panoptic_coco_format.py')
