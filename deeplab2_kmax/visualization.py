@@ -2,7 +2,7 @@
 
 Each segment is drawn in its class colour, with thing instances shaded apart so neighbouring
 instances of one class stay distinguishable; void is black. Outputs are uint8 RGB arrays that
-data/formats/png_encoding.py (or tf.io.encode_png) writes.
+data/formats/png_encoding.py encodes and writes.
 """
 
 import numpy as np

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from deeplab2_kmax.data.formats import png_encoding
 from deeplab2_kmax.data.formats import tfrecord
 from deeplab2_kmax.export import serving_module as serving_lib
 
@@ -65,7 +66,7 @@ def signature_input(signature: str, images: np.ndarray) -> np.ndarray:
   """The input of `signature` for uint8 images [batch, h, w, 3]."""
   if signature == serving_lib.SIGNATURE_IMAGE_TENSOR:
     return images
-  encoded = [tf.io.encode_png(image).numpy() for image in images]
+  encoded = [png_encoding.encode_png(image) for image in images]
   if signature == serving_lib.SIGNATURE_IMAGE_BYTES:
     return np.array(encoded, dtype=object)
   if signature == serving_lib.SIGNATURE_TF_EXAMPLE:

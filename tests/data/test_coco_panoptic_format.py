@@ -86,6 +86,22 @@ def test_conversion_errors_are_panoptic_format_errors():
   assert issubclass(coco_panoptic.PanopticFormatError, ValueError)
 
 
+def test_read_image_keeps_jpeg_and_png_and_re_encodes_other_formats_as_png(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+  png = png_encoding.encode_png(rgb)
+  (tmp_path / 'a.png').write_bytes(png)
+  assert coco_panoptic.read_image(str(tmp_path / 'a.png'), []) == (png, 'png', (7, 5))
+  jpeg = tf.io.encode_jpeg(rgb).numpy()
+  (tmp_path / 'a.jpg').write_bytes(jpeg)
+  assert coco_panoptic.read_image(str(tmp_path / 'a.jpg'), []) == (jpeg, 'jpeg', (7, 5))
+  Image.fromarray(rgb).save(tmp_path / 'a.bmp')
+  defects = []
+  data, image_format, size = coco_panoptic.read_image(str(tmp_path / 'a.bmp'), defects)
+  assert (image_format, size, defects) == ('png', (7, 5), [])
+  np.testing.assert_array_equal(tf.io.decode_png(data).numpy(), rgb)
+
+
 def test_segment_bbox_is_cocos_x_y_width_height():
   mask = np.zeros((5, 6), bool)
   mask[1:3, 2:5] = True

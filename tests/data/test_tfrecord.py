@@ -65,14 +65,6 @@ def test_jpeg_image_and_png_semantic_label():
   np.testing.assert_array_equal(decoded['label'].numpy()[..., 0], semantic)
 
 
-def test_png_encoder_matches_tensorflow_decoder():
-  image, _ = random_image_and_label(3, 9, 11)
-  np.testing.assert_array_equal(tf.io.decode_png(png_encoding.encode_png(image)).numpy(), image)
-  grey = image[..., 0]
-  np.testing.assert_array_equal(tf.io.decode_png(png_encoding.encode_png(grey)).numpy()[..., 0],
-                                grey)
-
-
 def test_diagnose_names_corrupt_file(tmp_path):
   image, label = random_image_and_label(4)
   good = str(tmp_path / 'good.tfrecord')

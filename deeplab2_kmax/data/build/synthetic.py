@@ -49,7 +49,8 @@ def render_example(job):
   scene = synthetic_scenes.generate_scene([seed, _SPLIT_SEED_OFFSET[split], index],
                                           height, width)
   panoptic = scene.panoptic(LABEL_DIVISOR).astype(np.int32)
-  image_png = png_encoding.encode_png(scene.image)
+  # zlib level 1: level 6 makes these photo-like images ~1% smaller for 1.4-1.8x the time.
+  image_png = png_encoding.encode_png(scene.image, compression=1)
   gt_png, segments = None, None
   if with_coco_gt:
     # COCO segment ids: void pixels are 0 and not listed; others use the panoptic id, which is

@@ -35,6 +35,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from deeplab2_kmax.data.formats import panoptic_rgb
+from deeplab2_kmax.data.formats import png_encoding
 
 # ---- Defect kinds ----
 MISSING_FILE = 'missing_file'
@@ -460,7 +461,7 @@ def read_image(path: str, defects: list) -> Optional[tuple]:
     return data, 'jpeg', size
   if data.startswith(_PNG_SIGNATURE):
     return data, 'png', size
-  return tf.io.encode_png(image).numpy(), 'png', size
+  return png_encoding.encode_png(image.numpy()), 'png', size
 
 
 def panoptic_from_segments(ids: np.ndarray, segments: Sequence[dict], spec: LabelSpec,
