@@ -68,11 +68,17 @@ def _biased_variance(unbiased_variance, x):
   return unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
 
 
+def _scale_and_offset(gamma, beta, mean, variance, epsilon):
+  """Batch normalisation as the affine map x * scale + offset: (scale, offset)."""
+  scale = gamma * tf.math.rsqrt(variance + epsilon)
+  return scale, beta - mean * scale
+
+
 def _batch_normalize_of(x, gamma, beta, reduce_axes, epsilon):
   x = tf.cast(x, tf.float32)
   mean, variance = tf.nn.moments(x, axes=reduce_axes, keepdims=True)
-  scale = gamma * tf.math.rsqrt(variance + epsilon)
-  return x * scale + (beta - mean * scale), mean, variance
+  scale, offset = _scale_and_offset(gamma, beta, mean, variance, epsilon)
+  return x * scale + offset, mean, variance
 
 
 def _batch_normalize_gradient_of(x, gamma, upstream, reduce_axes, epsilon):
@@ -163,12 +169,20 @@ class BatchNorm(keras.layers.Layer):
                                  autocast=False)
     self.beta = self.add_weight(name='beta', shape=param_shape, initializer='zeros',
                                 dtype='float32', autocast=False)
+    # Unsynchronised, each replica's batch moves its own copy of the averages, and with Keras's
+    # default aggregation ('none') the copies drift apart: on several workers each one saves
+    # different statistics in its checkpoint, on several GPUs evaluation in memory normalises
+    # each replica's images differently. 'mean' makes an update in a replica context an
+    # all-reduce mean (one small all-reduce per variable and step), so every copy holds the
+    # average of the replicas' updates. Synchronised moments are equal on every replica already.
+    aggregation = 'none' if self.synchronized else 'mean'
     self.moving_mean = self.add_weight(name='moving_mean', shape=param_shape,
                                        initializer='zeros', trainable=False, dtype='float32',
-                                       autocast=False)
+                                       autocast=False, aggregation=aggregation)
     self.moving_variance = self.add_weight(name='moving_variance', shape=param_shape,
                                            initializer='ones', trainable=False,
-                                           dtype='float32', autocast=False)
+                                           dtype='float32', autocast=False,
+                                           aggregation=aggregation)
 
   def _broadcast_shape(self, rank):
     axes = self._axes(rank)
@@ -198,8 +212,8 @@ class BatchNorm(keras.layers.Layer):
 
     Lets a caller fold the normalisation into a neighbouring linear op at inference.
     """
-    scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
-    return scale, self.beta - self.moving_mean * scale
+    return _scale_and_offset(self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                             self.epsilon)
 
   def _fused_inference(self, inputs):
     """Inference on [batch, height, width, channels] with TF's fused kernel.
@@ -230,8 +244,8 @@ class BatchNorm(keras.layers.Layer):
 
   def _batch_scale_offset(self, mean, variance):
     """The training normalisation as x * scale + offset (no gradient): a recipe's affine map."""
-    scale = tf.stop_gradient(self.gamma * tf.math.rsqrt(variance + self.epsilon))
-    return scale, tf.stop_gradient(self.beta) - tf.stop_gradient(mean) * scale
+    return tuple(tf.stop_gradient(t) for t in _scale_and_offset(
+        self.gamma, self.beta, mean, variance, self.epsilon))
 
   def _fused_training_activation(self, inputs, activation):
     """(activation(BN(inputs)), scale, offset) in training, keeping only `inputs` for the
@@ -257,8 +271,7 @@ class BatchNorm(keras.layers.Layer):
               x=x, scale=gamma, offset=beta, mean=tf.constant([], tf.float32),
               variance=tf.constant([], tf.float32), epsilon=epsilon, is_training=True))
       variance = _biased_variance(unbiased_variance, x)
-      scale = gamma * tf.math.rsqrt(variance + epsilon)
-      offset = beta - mean * scale
+      scale, offset = _scale_and_offset(gamma, beta, mean, variance, epsilon)
       outputs = activations.affine_then_activation(activation, x, scale, offset)
 
       def gradient(upstream, *unused_statistics_upstream):
@@ -335,8 +348,8 @@ class BatchNorm(keras.layers.Layer):
       else:
         mean = tf.reshape(self.moving_mean, shape)
         variance = tf.reshape(self.moving_variance, shape)
-      scale = gamma * tf.math.rsqrt(variance + self.epsilon)
-      outputs = tf.cast(x * scale + (beta - mean * scale), self.compute_dtype)
+      scale, offset = _scale_and_offset(gamma, beta, mean, variance, self.epsilon)
+      outputs = tf.cast(x * scale + offset, self.compute_dtype)
     return activation(outputs)
 
   def compute_output_shape(self, input_shape):
