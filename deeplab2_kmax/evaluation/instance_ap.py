@@ -184,6 +184,13 @@ class InstanceAPAccumulator:
         detections_from_panoptic(pred_panoptic, image_id, self.descriptor, scores))
     return image_id
 
+  def merge(self, other: 'InstanceAPAccumulator') -> None:
+    """Adds the images `other` has seen (e.g. another worker's share), renumbered after ours."""
+    offset = len(self.images)
+    self.images.extend(dict(image, id=image['id'] + offset) for image in other.images)
+    self.annotations.extend(dict(a, image_id=a['image_id'] + offset) for a in other.annotations)
+    self.detections.extend(dict(d, image_id=d['image_id'] + offset) for d in other.detections)
+
   def gt_dataset(self) -> dict[str, Any]:
     """The COCO instance GT of everything added so far."""
     annotations = [dict(a, id=i + 1) for i, a in enumerate(self.annotations)]

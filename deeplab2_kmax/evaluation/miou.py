@@ -49,6 +49,13 @@ class MeanIoU:
                                   minlength=self.num_classes * (self.num_classes + 1)).reshape(
                                       self.confusion.shape)
 
+  def merge(self, other: 'MeanIoU') -> None:
+    """Adds the images `other` has seen (e.g. another worker's share of the dataset)."""
+    if other.confusion.shape != self.confusion.shape:
+      raise ValueError(f'cannot merge mIoU over {other.num_classes} classes into one over '
+                       f'{self.num_classes}')
+    self.confusion += other.confusion
+
   def result(self) -> dict[str, Any]:
     """`{'miou': mean, 'per_class': {train_id: IoU}}` over classes with TP + FP + FN > 0."""
     tp = np.diag(self.confusion[:, :self.num_classes]).astype(np.float64)

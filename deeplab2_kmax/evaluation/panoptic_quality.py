@@ -344,6 +344,11 @@ class PanopticQualityAccumulator:
         pred_panoptic, self.label_space, image_name=f'{name} (prediction)', with_bbox=False)
     self.update(gt_ids, gt_segments, pred_ids, pred_segments, name)
 
+  def merge(self, other: 'PanopticQualityAccumulator') -> None:
+    """Adds the images `other` has seen (e.g. another worker's share of the dataset)."""
+    self.statistics += other.statistics
+    self.num_images += other.num_images
+
   def results(self) -> dict[str, Any]:
     """See PanopticStatistics.results."""
     return self.statistics.results(self.categories)

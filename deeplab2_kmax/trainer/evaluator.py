@@ -2,7 +2,8 @@
 
 Each eval step returns, per image, the prediction and ground truth at the raw image size
 (padded to the batch's largest raw size); `eval_reduce` crops them to each image's size and
-feeds the metric accumulators of deeplab2_kmax.evaluation. `eval_end` returns flat scalars for
+feeds the metric accumulators of deeplab2_kmax.evaluation, one set per worker (every local
+replica's images); with several workers `eval_end` first adds up every worker's accumulators. `eval_end` returns flat scalars for
 TensorBoard (`PQ/All`, `SQ/Things`, `mIoU`, `AP/AP`, ...), and writes the full results as
 `<model_dir>/eval/results-<step>.json` (the global step of the evaluated checkpoint). The first
 few images (evaluator_options.num_vis_samples, at most 4) go to TensorBoard as input | ground
@@ -23,6 +24,7 @@ from deeplab2_kmax import visualization
 from deeplab2_kmax.evaluation import instance_ap
 from deeplab2_kmax.evaluation import miou as miou_lib
 from deeplab2_kmax.evaluation import panoptic_quality
+from deeplab2_kmax.trainer import strategy as strategy_lib
 
 RESULTS_DIR = 'eval'
 
@@ -125,8 +127,29 @@ class Evaluator(orbit.StandardEvaluator):
     return visualization.grid([[image, visualization.colorize_panoptic(gt, self.descriptor),
                                 visualization.colorize_panoptic(pred, self.descriptor)]])
 
+  def _merge_workers(self, state):
+    """The accumulators over every worker's share of the eval set (on every worker).
+
+    Under MultiWorkerMirrored each worker reads its own shard of the eval files (the input
+    pipeline splits them), so its accumulators hold its share only; they are gathered through
+    the strategy's collectives and added up in task order. PQ and mIoU equal one device's to
+    float64 rounding; mask AP too, except where detections tie in score (COCOeval breaks ties
+    by image order, and the images are numbered worker by worker here).
+    """
+    keys = ('pq', 'miou', 'ap', 'images')
+    shares = strategy_lib.all_gather_objects(self.strategy, {k: state[k] for k in keys})
+    merged = dict(state, **shares[0])
+    for share in shares[1:]:
+      for key in ('pq', 'miou', 'ap'):
+        if merged[key] is not None:
+          merged[key].merge(share[key])
+      merged['images'] += share['images']
+    return merged
+
   def eval_end(self, state):
     step = int(self.global_step.numpy())
+    if strategy_lib.num_workers(self.strategy) > 1:
+      state = self._merge_workers(state)
     results = {'step': step, 'num_images': state['images'],
                'panoptic_quality': state['pq'].results(),
                'miou': state['miou'].result()}

@@ -117,6 +117,14 @@ class Experiment:
     self.mode = mode
     self.model_dir = model_dir
     self.strategy = strategy or strategy_lib.create_strategy()
+    if mode == 'continuous_eval' and strategy_lib.num_workers(self.strategy) > 1:
+      # Evaluation is collective, and each worker would pick up new checkpoints on its own
+      # schedule: the workers would evaluate different ones.
+      raise ValueError('--mode=continuous_eval runs on one machine: it follows the checkpoints '
+                       'as they appear, which the workers of TF_CONFIG would each see at their '
+                       'own time. Start it without TF_CONFIG (or with a one-task TF_CONFIG) '
+                       'and the same --model_dir; --mode=eval evaluates one checkpoint on a '
+                       'cluster.')
     self.log_fn = log_fn
     training = mode in ('train', 'train_and_eval')
     evaluating = mode != 'train'
@@ -158,7 +166,8 @@ class Experiment:
       if removed:
         log_fn(f'[train] removed {", ".join(removed)} from {self.manager.directory}: '
                f'unfinished checkpoint write(s) of an interrupted run.')
-    latest = self.manager.latest_checkpoint
+    # Evaluation reads model_dir's checkpoints on every worker (see run()).
+    latest = None if training else tf.train.latest_checkpoint(model_dir)
     if checkpoint_path:
       # Our layout, or DeepLab2's (a model-zoo download) converted in memory.
       restored = model_restore.restore_model(self.model, checkpoint_path)
@@ -242,13 +251,16 @@ class Experiment:
                                            eval_interval=max(1, min(interval, total)))
       elif self.mode == 'eval':
         if not self.checkpoint_path:
-          if not self.manager.latest_checkpoint:
+          # model_dir's, not the manager's: on a worker other than the chief the manager keeps
+          # that worker's scratch copies, which a cluster evaluating a run does not have.
+          latest = tf.train.latest_checkpoint(self.model_dir)
+          if not latest:
             raise NoCheckpointError(
                 f'no checkpoint in {self.model_dir} to evaluate; train first (--mode=train), '
                 'point --model_dir at a trained run, or name one with --checkpoint_path (a '
                 'checkpoint or a model-zoo name).')
           # Optimizer slots in the file are not needed; every model variable must be found.
-          checkpoint_layout.restore(self.checkpoint, self.manager.latest_checkpoint, partial=True)
+          checkpoint_layout.restore(self.checkpoint, latest, partial=True)
         self.controller.evaluate(eval_steps)
       else:
         self._evaluate_continuously(eval_steps, eval_options.continuous_eval_timeout, total)

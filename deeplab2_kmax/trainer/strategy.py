@@ -7,12 +7,18 @@
   * num_gpus > 1                    -> MirroredStrategy over the first num_gpus GPUs
   * num_gpus == 1                   -> OneDeviceStrategy('/gpu:0')
   * otherwise                       -> OneDeviceStrategy('/cpu:0')
+
+And what the workers of a multi-worker strategy share: `is_chief`, `num_workers`, and
+`all_gather_objects` (every worker's Python object on every worker, through the strategy's own
+collectives, so workers need no shared file system).
 """
 
 import json
 import os
-from typing import Optional, Sequence
+import pickle
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -74,3 +80,45 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return True
   task_type, task_id = resolver.task_type, resolver.task_id
   return task_type in (None, 'chief') or (task_type == 'worker' and task_id == 0)
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """How many machines (processes) run replicas of `strategy`: 1 but under MultiWorkerMirrored.
+
+  A TPU strategy has one client that sees every replica's results, so it counts as one.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1
+  return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+
+
+def all_gather_objects(strategy: tf.distribute.Strategy, value: Any) -> list:
+  """Each worker's picklable `value`, in worker order (task index), returned on every worker.
+
+  Every worker must call it at the same point (it runs collectives). The pickled bytes go
+  through `strategy.gather` as int32 words (collectives take no uint8 or strings), the first
+  local replica of each worker carrying its worker's words and every other replica one padding
+  word; one gather of the byte counts first tells the pieces apart.
+  """
+  if num_workers(strategy) == 1:
+    return [value]
+  payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+  words = np.frombuffer(payload + b'\0' * (-len(payload) % 4), np.int32)
+  local_replicas = len(strategy.extended.worker_devices)
+
+  def per_replica(carried, padding):
+    # Replica ids are worker-major: task t's local replicas are t * local_replicas + j.
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(
+            carried if context.replica_id_in_sync_group % local_replicas == 0 else padding))
+
+  lengths = strategy.gather(per_replica(np.array([len(payload)], np.int64),
+                                        np.array([-1], np.int64)), axis=0).numpy()
+  gathered = strategy.gather(per_replica(words, np.zeros([1], np.int32)), axis=0).numpy()
+  values, start = [], 0
+  for length in lengths:
+    count = 1 if length < 0 else (int(length) + 3) // 4
+    if length >= 0:
+      values.append(pickle.loads(gathered[start:start + count].tobytes()[:length]))
+    start += count
+  return values

@@ -87,6 +87,39 @@ def test_eval_covers_each_image_once_with_raw_labels(synthetic_data_dir):
                                     records[name]['image'].numpy().astype(np.float32))
 
 
+def _names(batches):
+  return [n for b in batches for n in b['image_name'].numpy().tolist()]
+
+
+@pytest.mark.parametrize('pattern, num_files', [('val-*', 1), ('train-*', 2)])
+def test_input_pipelines_read_disjoint_shares_that_cover_the_eval_set(synthetic_data_dir,
+                                                                      pattern, num_files):
+  """Two pipelines (two workers): every other record of one file, or one file each of two."""
+  p = pipeline.InputPipeline(options(f'{synthetic_data_dir}/{pattern}', batch_size=4),
+                             is_training=False)
+  assert len(p.files) == num_files
+  everything = _names(p.iterate())
+  shares = [_names(p.iterate(tf.distribute.InputContext(2, i, 2))) for i in range(2)]
+  assert sorted(shares[0] + shares[1]) == sorted(everything)
+  assert not set(shares[0]) & set(shares[1])
+  if num_files == 1:
+    assert shares[0] == everything[0::2] and shares[1] == everything[1::2]
+  else:
+    assert len(shares[0]) == len(shares[1]) == len(everything) // 2
+
+
+def test_training_pipelines_of_a_one_file_dataset_read_disjoint_shares(synthetic_data_dir):
+  """Fewer files than pipelines: before, each worker read every file (with a fixed seed, in
+  the same order), so the workers trained on the same examples."""
+  p = pipeline.InputPipeline(options(f'{synthetic_data_dir}/val-*', batch_size=2), True)
+  assert len(p.files) == 1
+  # 8 images, 4 per share, shuffled across repetitions: 10 batches of 2 see each share whole.
+  shares = [set(_names(take(p.iterate(tf.distribute.InputContext(2, i, 2)), 10)))
+            for i in range(2)]
+  assert len(shares[0]) == len(shares[1]) == 4
+  assert not shares[0] & shares[1]
+
+
 # ---- Bad input ----
 
 def write_records(path, examples):

@@ -17,6 +17,7 @@ from deeplab2_kmax.data.formats import coco_panoptic as coco_format
 from deeplab2_kmax.evaluation import formats
 from deeplab2_kmax.evaluation import instance_ap
 from deeplab2_kmax.evaluation import miou
+from deeplab2_kmax.evaluation import panoptic_quality
 
 # Train ids: 0 void (ignore), 1 and 2 things (COCO-style ids 11 and 27), 3 stuff (40).
 DESCRIPTOR = evaluation_testing.make_descriptor(4, things=(1, 2), ignore_label=0,
@@ -196,3 +197,41 @@ def test_miou_hand_worked():
   assert metric.result() == {'miou': pytest.approx(0.75), 'per_class': {1: 0.5, 2: 1.0}}
   with pytest.raises(ValueError, match='ground-truth label 7'):
     metric.update(np.array([[7]]), np.array([[1]]))
+
+
+def test_accumulators_of_two_shares_merge_into_those_of_all_images():
+  """As the evaluator adds up the workers' shares: images 0, 2 in one accumulator, 1, 3 in
+  another; merged, mask AP equals pycocotools on all four (image ids renumbered, so the
+  detections still point at their images), mIoU's confusion matrix and PQ those of one
+  accumulator fed every image."""
+  rng = np.random.default_rng(11)
+  cases = [_generated_case(rng) for _ in range(4)]
+  whole = (instance_ap.InstanceAPAccumulator(DESCRIPTOR), miou.MeanIoU(4, 0),
+           panoptic_quality.PanopticQualityAccumulator.from_descriptor(DESCRIPTOR))
+  shares = [(instance_ap.InstanceAPAccumulator(DESCRIPTOR), miou.MeanIoU(4, 0),
+             panoptic_quality.PanopticQualityAccumulator.from_descriptor(DESCRIPTOR))
+            for _ in range(2)]
+  for index, (gt, pred, crowd, scores, _, _) in enumerate(cases):
+    for ap, iou, pq in (whole, shares[index % 2]):
+      ap.update(gt, pred, scores=scores, gt_is_crowd=crowd)
+      iou.update(gt // 256, pred // 256)
+      pq.update_panoptic(gt, pred, gt_is_crowd=crowd)
+  for merged, other in zip(shares[0], shares[1]):
+    merged.merge(other)
+  ap, iou, pq = shares[0]
+  in_share_order = [cases[i] for i in (0, 2, 1, 3)]
+  expected = _pycocotools_by_hand([(c[0].shape, c[4], c[5]) for c in in_share_order])
+  assert [ap.result()[name] for name in instance_ap.STAT_NAMES] == expected
+  assert 0.0 < ap.result()['AP'] < 1.0
+  # (Not compared with whole[0]: these cases' scores repeat from image to image, and COCOeval
+  # breaks score ties by image order, which the shares change.)
+  np.testing.assert_array_equal(iou.confusion, whole[1].confusion)
+  assert pq.num_images == 4
+  for group in ('All', 'Things', 'Stuff'):
+    assert pq.results()[group] == pytest.approx(whole[2].results()[group], abs=1e-12)
+  for category, stats in whole[2].statistics.per_category.items():
+    merged_stats = pq.statistics.per_category[category]
+    assert (merged_stats.tp, merged_stats.fp, merged_stats.fn) == (stats.tp, stats.fp, stats.fn)
+  assert 0.0 < pq.results()['All']['pq'] < 1.0
+  with pytest.raises(ValueError, match='3 classes into one over 4'):
+    iou.merge(miou.MeanIoU(3, 0))

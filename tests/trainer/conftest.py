@@ -1,8 +1,14 @@
-"""Tiny experiment configs over the session's synthetic dataset, for runner tests."""
+"""Tiny experiment configs over the session's synthetic dataset, for runner tests, and the
+subprocesses of the distribution tests (tests/trainer/distributed_helper.py, local clusters)."""
 
 import contextlib
 import io
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -41,6 +47,47 @@ eval_dataset_options {
 }
 evaluator_options { eval_interval: 4 }
 '''
+
+
+# TensorFlow's start-up logging would bury a failing subprocess's traceback.
+HELPER_ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONPATH': str(REPO_ROOT)}
+
+
+def run_helper(mode, *args, timeout=600) -> subprocess.CompletedProcess:
+  """Runs `python -m tests.trainer.distributed_helper MODE ARGS...` to its end."""
+  return subprocess.run([sys.executable, '-m', 'tests.trainer.distributed_helper', mode,
+                         *map(str, args)], cwd=REPO_ROOT, env=HELPER_ENV, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def local_cluster_tf_configs(num_workers=2) -> list[str]:
+  """TF_CONFIG values (JSON) of `num_workers` workers on free ports of 127.0.0.1, by index."""
+  ports = []
+  for _ in range(num_workers):
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      ports.append(s.getsockname()[1])
+  workers = [f'127.0.0.1:{port}' for port in ports]
+  return [json.dumps({'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}})
+          for i in range(num_workers)]
+
+
+def run_helper_workers(mode, *args, num_workers=2, timeout=900) -> list[tuple[int, str]]:
+  """Runs distributed_helper MODE on a local cluster of `num_workers` processes (TF_CONFIG set);
+  returns each worker's (exit status, stderr), all of them killed after `timeout` seconds."""
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.trainer.distributed_helper', mode, *map(str, args)],
+      cwd=REPO_ROOT, env={**HELPER_ENV, 'TF_CONFIG': tf_config}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for tf_config in local_cluster_tf_configs(num_workers)]
+  deadline = time.monotonic() + timeout
+  try:
+    errors = [process.communicate(timeout=max(1, deadline - time.monotonic()))[1]
+              for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  return [(process.returncode, error) for process, error in zip(processes, errors)]
 
 
 def tiny_config(data_dir, *overrides):

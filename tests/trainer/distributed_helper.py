@@ -14,6 +14,13 @@ initialisation, so these run outside the pytest process).
     python -m tests.trainer.distributed_helper eval_mirrored DATA_DIR OUT_DIR
       -> OUT_DIR/eval_{one_device,mirrored}.json: evaluation results of the same predictions
          on one device and on MirroredStrategy over 2 logical CPUs.
+    python -m tests.trainer.distributed_helper eval_workers OUT_DIR DATA_DIR...  (TF_CONFIG)
+      -> OUT_DIR/eval_<k>_worker_<index>.json for the k-th DATA_DIR on MultiWorkerMirrored,
+         and eval_<k>_one_device.json (worker 0 alone); continuous_eval_worker_<index>.json:
+         the error of a continuous_eval Experiment on the cluster (null: none).
+    python -m tests.trainer.distributed_helper bn_mirrored OUT_DIR
+      -> OUT_DIR/bn_mirrored.npz: each replica's copy of BN moving statistics after a training
+         call with a different batch per replica (MirroredStrategy over 2 logical CPUs).
 """
 
 import json
@@ -110,17 +117,41 @@ class _PartlyRightPredictions:
     columns = tf.range(width)[tf.newaxis, tf.newaxis, :]
     panoptic = tf.where(columns < start[:, tf.newaxis, tf.newaxis], gt,
                         tf.roll(gt, shift=9, axis=2))
+    # Scores differ between segments (and images): COCO's AP ranks detections by score and
+    # breaks ties by image order, which several workers do not keep.
+    scores = (0.25 + 0.5 * tf.cast(columns, tf.float32) / tf.cast(width, tf.float32)
+              + 0.01 * tf.math.floormod(mean, 10.0)[:, tf.newaxis, tf.newaxis])
     return {common.PRED_PANOPTIC: panoptic,
             common.PRED_SEMANTIC: panoptic // self.divisor,
-            common.PRED_INSTANCE_SCORES: tf.ones_like(panoptic, tf.float32)}
+            common.PRED_INSTANCE_SCORES: tf.broadcast_to(scores, tf.shape(panoptic))}
 
 
-def _eval_mirrored(data_dir, out_dir):
-  """The real eval pipeline and Evaluator on one device and on 2 replicas; predictions from
-  _PartlyRightPredictions (no model to build and trace: seconds, not a minute)."""
+def _evaluate(config, strategy) -> dict:
+  """The real eval pipeline and Evaluator over `strategy`, predictions from
+  _PartlyRightPredictions (no model to build and trace: seconds, not a minute); the results
+  without their timing."""
   from deeplab2_kmax.data.input import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  pipeline = pipeline_lib.InputPipeline(config.eval_dataset_options, is_training=False)
+  predictions = _PartlyRightPredictions(pipeline.descriptor)
+  evaluator = evaluator_lib.Evaluator(
+      config, predictions.model, predictions, pipeline.descriptor,
+      tf.Variable(0, dtype=tf.int64), strategy, runner._distribute(strategy, pipeline),  # pylint: disable=protected-access
+      log_fn=print)
+  evaluator.evaluate(tf.constant(-1, tf.int32))
+  results = dict(evaluator.last_results)
+  results.pop('seconds')
+  return results
+
+
+def _write_json(path, value):
+  with open(path, 'w') as f:
+    json.dump(value, f, default=float)
+
+
+def _eval_mirrored(data_dir, out_dir):
+  """Evaluation on one device and on 2 replicas."""
   from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
   config = conftest.tiny_config(data_dir)
@@ -128,17 +159,71 @@ def _eval_mirrored(data_dir, out_dir):
                 'mirrored': strategy_lib.create_strategy(devices=['/cpu:0', '/cpu:1'])}
   assert strategies['mirrored'].num_replicas_in_sync == 2
   for name, strategy in strategies.items():
-    pipeline = pipeline_lib.InputPipeline(config.eval_dataset_options, is_training=False)
-    predictions = _PartlyRightPredictions(pipeline.descriptor)
-    evaluator = evaluator_lib.Evaluator(
-        config, predictions.model, predictions, pipeline.descriptor,
-        tf.Variable(0, dtype=tf.int64), strategy, runner._distribute(strategy, pipeline),  # pylint: disable=protected-access
-        log_fn=print)
-    evaluator.evaluate(tf.constant(-1, tf.int32))
-    results = dict(evaluator.last_results)
-    results.pop('seconds')
-    with open(os.path.join(out_dir, f'eval_{name}.json'), 'w') as f:
-      json.dump(results, f, default=float)
+    _write_json(os.path.join(out_dir, f'eval_{name}.json'), _evaluate(config, strategy))
+
+
+def _eval_workers(out_dir, *data_dirs):
+  """Evaluation of each dataset on every worker of MultiWorkerMirrored (TF_CONFIG), and on
+  worker 0 alone on one device: eval_<k>_worker_<index>.json, eval_<k>_one_device.json."""
+  from deeplab2_kmax.trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from tests.trainer import conftest  # pylint: disable=g-import-not-at-top
+  strategy = strategy_lib.create_strategy()
+  assert strategy_lib.num_workers(strategy) == 2
+  index = strategy.cluster_resolver.task_id
+  for k, data_dir in enumerate(data_dirs):
+    config = conftest.tiny_config(data_dir)
+    _write_json(os.path.join(out_dir, f'eval_{k}_worker_{index}.json'),
+                _evaluate(config, strategy))
+    if index == 0:
+      _write_json(os.path.join(out_dir, f'eval_{k}_one_device.json'),
+                  _evaluate(config, tf.distribute.OneDeviceStrategy('/cpu:0')))
+  from deeplab2_kmax.trainer import runner  # pylint: disable=g-import-not-at-top
+  try:
+    runner.Experiment(config, 'continuous_eval', os.path.join(out_dir, 'model'), strategy)
+    refusal = None
+  except ValueError as error:
+    refusal = str(error)
+  _write_json(os.path.join(out_dir, f'continuous_eval_worker_{index}.json'), refusal)
+
+
+def _batch_norm_mirrored(out_dir):
+  """One training call of unsynchronised and synchronised BatchNorms (fused per-channel, and
+  over two axes) on MirroredStrategy over 2 logical CPUs, each replica with its own batch:
+  every replica's copy of the moving statistics -> bn_mirrored.npz, with the batches."""
+  from deeplab2_kmax.model.layers import normalization  # pylint: disable=g-import-not-at-top
+  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  shapes = {'channels': (2, 5, 5, 3), 'two_axes': (2, 4, 3, 6)}
+  axes = {'channels': -1, 'two_axes': [1, 3]}
+  layers = {}
+  with strategy.scope():
+    for name, shape in shapes.items():
+      for synchronized in (False, True):
+        key = f'{name}_{"synchronized" if synchronized else "local"}'
+        layers[key] = normalization.BatchNorm(axis=axes[name], momentum=0.5,
+                                              synchronized=synchronized)
+        layers[key].build(shape)
+  # Replica r's batch has mean about 3r: the replicas' moments differ.
+  batches = {name: [np.random.RandomState(r).randn(*shape).astype(np.float32) + 3 * r
+                    for r in range(2)] for name, shape in shapes.items()}
+  inputs = strategy.experimental_distribute_values_from_function(
+      lambda context: {name: tf.constant(b[context.replica_id_in_sync_group])
+                       for name, b in batches.items()})
+
+  @tf.function
+  def step(inputs):
+    def replica_fn(inputs):
+      return [layer(inputs[key.rsplit('_', 1)[0]], training=True,
+                    then_activation='relu' if key.startswith('channels') else None)
+              for key, layer in layers.items()]
+    return strategy.run(replica_fn, args=(inputs,))
+
+  step(inputs)
+  saved = {f'batch/{name}/{r}': b[r] for name, b in batches.items() for r in range(2)}
+  for key, layer in layers.items():
+    for variable in (layer.moving_mean, layer.moving_variance):
+      for r, copy in enumerate(strategy.experimental_local_results(variable.value)):
+        saved[f'{key}/{variable.name}/{r}'] = copy.numpy()
+  np.savez(os.path.join(out_dir, 'bn_mirrored.npz'), **saved)
 
 
 def main(mode, data_dir, out_dir):
@@ -149,6 +234,7 @@ def main(mode, data_dir, out_dir):
     _fp16_skip(data_dir, out_dir)
   elif mode == 'eval_mirrored':
     _eval_mirrored(data_dir, out_dir)
+
   elif mode == 'mirrored':
     config = conftest.tiny_config(data_dir, OVERRIDE.replace('STEPS', '1'))
     single = runner.Experiment(config, 'train', os.path.join(out_dir, 'one'),
@@ -177,8 +263,13 @@ def main(mode, data_dir, out_dir):
 
 
 if __name__ == '__main__':
-  if sys.argv[1] in ('mirrored', 'fp16_skip', 'eval_mirrored'):
+  if sys.argv[1] in ('mirrored', 'fp16_skip', 'eval_mirrored', 'bn_mirrored'):
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-  main(*sys.argv[1:])
+  if sys.argv[1] == 'eval_workers':
+    _eval_workers(*sys.argv[2:])
+  elif sys.argv[1] == 'bn_mirrored':
+    _batch_norm_mirrored(sys.argv[2])
+  else:
+    main(*sys.argv[1:])

@@ -8,32 +8,18 @@
 * Two MultiWorkerMirrored workers on 127.0.0.1 end two steps with identical weights.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.trainer import conftest
 
 pytestmark = pytest.mark.slow
-_ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONPATH': str(REPO_ROOT)}
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def test_mirrored_two_cpus_equals_one_device(synthetic_data_dir, tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'tests.trainer.distributed_helper', 'mirrored',
-       str(synthetic_data_dir), str(tmp_path)], cwd=REPO_ROOT, env=_ENV, capture_output=True,
-      text=True, timeout=900)
+  result = conftest.run_helper('mirrored', synthetic_data_dir, tmp_path, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   initial = np.load(tmp_path / 'initial.npz')
   one = np.load(tmp_path / 'one_device.npz')
@@ -49,23 +35,8 @@ def test_mirrored_two_cpus_equals_one_device(synthetic_data_dir, tmp_path):
 
 
 def test_two_multi_worker_processes_end_with_identical_weights(synthetic_data_dir, tmp_path):
-  workers = [f'127.0.0.1:{_free_port()}', f'127.0.0.1:{_free_port()}']
-  processes = []
-  for index in range(2):
-    tf_config = {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}
-    processes.append(subprocess.Popen(
-        [sys.executable, '-m', 'tests.trainer.distributed_helper', 'worker',
-         str(synthetic_data_dir), str(tmp_path)], cwd=REPO_ROOT,
-        env={**_ENV, 'TF_CONFIG': json.dumps(tf_config)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True))
-  try:
-    outputs = [p.communicate(timeout=900) for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+  for code, error in conftest.run_helper_workers('worker', synthetic_data_dir, tmp_path):
+    assert code == 0, error[-3000:]
   first = np.load(tmp_path / 'worker_0.npz')
   second = np.load(tmp_path / 'worker_1.npz')
   assert sorted(first.files) == sorted(second.files)

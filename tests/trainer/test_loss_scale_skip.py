@@ -9,18 +9,13 @@ decayed Adam's moments, applied AdamW's weight decay and counted an optimizer it
 
 Slow: the subprocess traces a two-replica float16 step (about 90 s on 2 idle cores)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.trainer import conftest
 from tests.trainer import distributed_helper
 
 pytestmark = pytest.mark.slow
-_ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONPATH': str(REPO_ROOT)}
 
 
 def _by_kind(state, kind):
@@ -29,10 +24,7 @@ def _by_kind(state, kind):
 
 def test_overflowing_float16_step_on_two_replicas_leaves_the_training_state_unchanged(
     synthetic_data_dir, tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'tests.trainer.distributed_helper', 'fp16_skip',
-       str(synthetic_data_dir), str(tmp_path)], cwd=REPO_ROOT, env=_ENV, capture_output=True,
-      text=True, timeout=900)
+  result = conftest.run_helper('fp16_skip', synthetic_data_dir, tmp_path, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   first, skipped, last = (np.load(tmp_path / f'fp16_skip_{i}.npz') for i in range(3))
   assert first['loss_scale'] == distributed_helper.SAFE_SCALE

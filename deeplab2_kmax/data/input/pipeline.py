@@ -26,6 +26,11 @@ problem, or, with `skip_bad_examples`, the example is dropped and counted in `nu
 
 Randomness is stateless and keyed by (seed, example position), so `deterministic: true` gives
 identical batches run after run.
+
+Several input pipelines (one per worker under MultiWorkerMirrored) read disjoint shares: whole
+files when there are at least as many files as pipelines, else every n-th record of the files
+read in order. Evaluation relies on it: each worker evaluates its share once, and the
+evaluator adds the shares up.
 """
 
 import re
@@ -257,8 +262,21 @@ class InputPipeline:
 
   # ---- Assembly ----
 
-  def _records(self, files: list[str], shuffle_seed: Optional[int]) -> tf.data.Dataset:
+  def _records(self, files: list[str], shuffle_seed: Optional[int],
+               record_share: Optional[tuple[int, int]] = None) -> tf.data.Dataset:
+    """The serialized examples of `files`; `record_share` (index, count) keeps every count-th
+    record from the index-th on, reading the files in order (for fewer files than pipelines)."""
     opts = self.options
+    if record_share is not None:
+      index, count = record_share
+      dataset = tf.data.TFRecordDataset(files)
+      if opts.skip_bad_examples:
+        dataset = dataset.ignore_errors(log_warning=True)
+      dataset = dataset.shard(count, index)
+      if self.is_training:
+        dataset = dataset.repeat().shuffle(opts.shuffle_buffer_size, seed=shuffle_seed,
+                                           reshuffle_each_iteration=True)
+      return dataset
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if self.is_training:
       dataset = dataset.shuffle(len(files), seed=shuffle_seed,
@@ -275,10 +293,10 @@ class InputPipeline:
                                 reshuffle_each_iteration=True)
     return dataset
 
-  def _decoded(self, files, shuffle_seed) -> tf.data.Dataset:
+  def _decoded(self, files, shuffle_seed, record_share=None) -> tf.data.Dataset:
     parallel = tf.data.AUTOTUNE
     deterministic = True if (self.options.deterministic or not self.is_training) else None
-    dataset = self._records(files, shuffle_seed).map(
+    dataset = self._records(files, shuffle_seed, record_share).map(
         self._decode, num_parallel_calls=parallel, deterministic=deterministic)
     if self.options.skip_bad_examples:
       # Images that pass the signature check but still fail to decode (e.g. truncated).
@@ -291,17 +309,21 @@ class InputPipeline:
     opts = self.options
     files = self.files
     batch_size = opts.batch_size
+    record_share = None
     if input_context is not None:
       batch_size = input_context.get_per_replica_batch_size(opts.batch_size)
-      if input_context.num_input_pipelines > 1 and len(files) >= input_context.num_input_pipelines:
-        files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
+      index, count = input_context.input_pipeline_id, input_context.num_input_pipelines
+      if count > 1 and len(files) >= count:
+        files = files[index::count]
+      elif count > 1:
+        record_share = (index, count)
     base_seed = opts.seed if opts.deterministic else None
     if base_seed is None:
       base_seed = int(tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int64).numpy())
     deterministic = True if (opts.deterministic or not self.is_training) else None
     parallel = tf.data.AUTOTUNE
 
-    dataset = self._decoded(files, shuffle_seed=base_seed)
+    dataset = self._decoded(files, shuffle_seed=base_seed, record_share=record_share)
     if not self.is_training:
       dataset = dataset.map(self._eval_example, num_parallel_calls=parallel,
                             deterministic=True)
