@@ -27,8 +27,55 @@ def _explicit_padding(kernel_size, atrous_rate):
   return begin, total - begin
 
 
+class _ConvolutionNormActivation(normalization.NormLayerSerializable, keras.layers.Layer):
+  """What Conv2DSame and Conv1D share: a convolution ('conv'), an optional batch norm
+  ('batch_norm') and an activation, their options and their config.
+
+  A subclass creates `self._conv` in its __init__, then calls `self._create_batch_norm()`, in
+  that order (the order Keras lists, and a checkpoint matches, the variables).
+  """
+
+  def __init__(self, output_channels, name, use_bias=True, use_bn=False, norm_layer=None,
+               bn_gamma_initializer='ones', activation=None, kernel_initializer='he_normal',
+               **kwargs):
+    super().__init__(name=name, **kwargs)
+    if use_bias and use_bn:
+      raise ValueError(f'{type(self).__name__} with a batch norm takes no bias.')
+    self.output_channels = int(output_channels)
+    self.use_bias = bool(use_bias)
+    self.use_bn = bool(use_bn)
+    self.norm_layer = norm_layer or normalization.make_norm_layer()
+    self.bn_gamma_initializer = bn_gamma_initializer
+    self.activation = activation
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+    self._activation_fn = activations.get_activation(activation)
+    self._batch_norm = None
+
+  def _create_batch_norm(self):
+    if self.use_bn:
+      self._batch_norm = self.norm_layer(axis=-1, name='batch_norm',
+                                         gamma_initializer=self.bn_gamma_initializer,
+                                         dtype=self.dtype_policy)
+
+  def build(self, input_shape):
+    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
+    # explicit build() stops Keras from tracing call() symbolically just to build.
+    del input_shape
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'output_channels': self.output_channels, 'use_bias': self.use_bias,
+        'use_bn': self.use_bn, 'bn_gamma_initializer': self.bn_gamma_initializer,
+        'activation': self.activation,
+        'kernel_initializer': keras.initializers.serialize(self.kernel_initializer),
+        'norm_layer': normalization.norm_layer_config(self.norm_layer),
+    })
+    return config
+
+
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
+class Conv2DSame(_ConvolutionNormActivation):
   """Conv2D (+ BN) (+ activation) on [batch, height, width, channels].
 
   Args:
@@ -48,20 +95,12 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
   def __init__(self, output_channels, kernel_size, name, strides=1, atrous_rate=1,
                use_bias=True, use_bn=False, norm_layer=None, bn_gamma_initializer='ones',
                activation=None, kernel_initializer='he_normal', **kwargs):
-    super().__init__(name=name, **kwargs)
-    if use_bias and use_bn:
-      raise ValueError('Conv2DSame with a batch norm takes no bias.')
-    self.output_channels = int(output_channels)
+    super().__init__(output_channels, name, use_bias=use_bias, use_bn=use_bn,
+                     norm_layer=norm_layer, bn_gamma_initializer=bn_gamma_initializer,
+                     activation=activation, kernel_initializer=kernel_initializer, **kwargs)
     self.kernel_size = int(kernel_size)
     self.strides = int(strides)
     self.atrous_rate = int(atrous_rate)
-    self.use_bias = bool(use_bias)
-    self.use_bn = bool(use_bn)
-    self.norm_layer = norm_layer or normalization.make_norm_layer()
-    self.bn_gamma_initializer = bn_gamma_initializer
-    self.activation = activation
-    self.kernel_initializer = keras.initializers.get(kernel_initializer)
-    self._activation_fn = activations.get_activation(activation)
     padding = 'same' if self.strides == 1 else 'valid'
     self._padding = None
     if self.strides > 1:
@@ -70,16 +109,7 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
         self.output_channels, self.kernel_size, strides=self.strides, padding=padding,
         dilation_rate=self.atrous_rate, use_bias=self.use_bias,
         kernel_initializer=self.kernel_initializer, name='conv', dtype=self.dtype_policy)
-    self._batch_norm = None
-    if self.use_bn:
-      self._batch_norm = self.norm_layer(axis=-1, name='batch_norm',
-                                         gamma_initializer=bn_gamma_initializer,
-                                         dtype=self.dtype_policy)
-
-  def build(self, input_shape):
-    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
-    # explicit build() stops Keras from tracing call() symbolically just to build.
-    del input_shape
+    self._create_batch_norm()
 
   def _convolve(self, x, training, kernel=None):
     """The convolution (+ bias); `kernel` (any float dtype) replaces the layer's kernel."""
@@ -178,14 +208,8 @@ class Conv2DSame(normalization.NormLayerSerializable, keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({
-        'output_channels': self.output_channels, 'kernel_size': self.kernel_size,
-        'strides': self.strides, 'atrous_rate': self.atrous_rate, 'use_bias': self.use_bias,
-        'use_bn': self.use_bn, 'bn_gamma_initializer': self.bn_gamma_initializer,
-        'activation': self.activation,
-        'kernel_initializer': keras.initializers.serialize(self.kernel_initializer),
-        'norm_layer': normalization.norm_layer_config(self.norm_layer),
-    })
+    config.update({'kernel_size': self.kernel_size, 'strides': self.strides,
+                   'atrous_rate': self.atrous_rate})
     return config
 
 
@@ -435,7 +459,7 @@ class StackedConv2DSame(normalization.NormLayerSerializable, keras.layers.Layer)
 
 
 @keras.saving.register_keras_serializable(package='deeplab2_kmax')
-class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
+class Conv1D(_ConvolutionNormActivation):
   """1x1 Conv1D (+ BN) (+ activation) on [batch, length, channels].
 
   The kernel is [1, in, out] as in DeepLab2 (a Keras Conv1D), so checkpoints map directly.
@@ -444,30 +468,13 @@ class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
   def __init__(self, output_channels, name, use_bias=True, use_bn=False, norm_layer=None,
                bn_gamma_initializer='ones', activation=None, kernel_initializer='he_normal',
                **kwargs):
-    super().__init__(name=name, **kwargs)
-    if use_bias and use_bn:
-      raise ValueError('Conv1D with a batch norm takes no bias.')
-    self.output_channels = int(output_channels)
-    self.use_bias = bool(use_bias)
-    self.use_bn = bool(use_bn)
-    self.norm_layer = norm_layer or normalization.make_norm_layer()
-    self.bn_gamma_initializer = bn_gamma_initializer
-    self.activation = activation
-    self.kernel_initializer = keras.initializers.get(kernel_initializer)
-    self._activation_fn = activations.get_activation(activation)
+    super().__init__(output_channels, name, use_bias=use_bias, use_bn=use_bn,
+                     norm_layer=norm_layer, bn_gamma_initializer=bn_gamma_initializer,
+                     activation=activation, kernel_initializer=kernel_initializer, **kwargs)
     self._conv = keras.layers.Conv1D(
         self.output_channels, 1, use_bias=self.use_bias,
         kernel_initializer=self.kernel_initializer, name='conv', dtype=self.dtype_policy)
-    self._batch_norm = None
-    if self.use_bn:
-      self._batch_norm = self.norm_layer(axis=-1, name='batch_norm',
-                                         gamma_initializer=bn_gamma_initializer,
-                                         dtype=self.dtype_policy)
-
-  def build(self, input_shape):
-    # Sub-layers build on the first (eager) call, nested in this layer's name scope; an
-    # explicit build() stops Keras from tracing call() symbolically just to build.
-    del input_shape
+    self._create_batch_norm()
 
   def call(self, inputs, training=None):
     x = recomputed_activation.keras_convolution(self._conv, inputs, training)
@@ -475,14 +482,3 @@ class Conv1D(normalization.NormLayerSerializable, keras.layers.Layer):
       return self._activation_fn(x)
     return inference_fusion.normalize_and_activate(x, self._batch_norm, self.activation,
                                                    self._activation_fn, training)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update({
-        'output_channels': self.output_channels, 'use_bias': self.use_bias,
-        'use_bn': self.use_bn, 'bn_gamma_initializer': self.bn_gamma_initializer,
-        'activation': self.activation,
-        'kernel_initializer': keras.initializers.serialize(self.kernel_initializer),
-        'norm_layer': normalization.norm_layer_config(self.norm_layer),
-    })
-    return config
