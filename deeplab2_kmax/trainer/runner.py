@@ -166,15 +166,20 @@ class Experiment:
       if removed:
         log_fn(f'[train] removed {", ".join(removed)} from {self.manager.directory}: '
                f'unfinished checkpoint write(s) of an interrupted run.')
-    # Evaluation reads model_dir's checkpoints on every worker (see run()).
-    latest = None if training else tf.train.latest_checkpoint(model_dir)
+    # Evaluation reads model_dir's checkpoints on every worker: on a worker other than the
+    # chief the manager keeps that worker's scratch copies, which a cluster evaluating a run
+    # does not have. The newest one is restored here, so that a mismatch fails before anything
+    # runs, with a readable message; --mode=eval evaluates it (run()).
+    self._restored_for_eval = None
     if checkpoint_path:
       # Our layout, or DeepLab2's (a model-zoo download) converted in memory.
       restored = model_restore.restore_model(self.model, checkpoint_path)
       log_fn(f'[eval] evaluating {restored}')
-    elif latest and not training:
-      # Fail here, before anything runs, with a readable message.
-      checkpoint_layout.restore(self.checkpoint, latest, partial=True)
+    elif not training:
+      self._restored_for_eval = tf.train.latest_checkpoint(model_dir)
+      if self._restored_for_eval:
+        # Optimizer slots in the file are not needed; every model variable must be found.
+        checkpoint_layout.restore(self.checkpoint, self._restored_for_eval, partial=True)
     resumed = checkpoints.restore_latest(self.manager, log_fn) if training else None
     if resumed:
       log_fn(f'[train] resumed from {resumed} at step {int(self.global_step.numpy())}')
@@ -250,17 +255,12 @@ class Experiment:
         self.controller.train_and_evaluate(eval_steps=eval_steps,
                                            eval_interval=max(1, min(interval, total)))
       elif self.mode == 'eval':
-        if not self.checkpoint_path:
-          # model_dir's, not the manager's: on a worker other than the chief the manager keeps
-          # that worker's scratch copies, which a cluster evaluating a run does not have.
-          latest = tf.train.latest_checkpoint(self.model_dir)
-          if not latest:
-            raise NoCheckpointError(
-                f'no checkpoint in {self.model_dir} to evaluate; train first (--mode=train), '
-                'point --model_dir at a trained run, or name one with --checkpoint_path (a '
-                'checkpoint or a model-zoo name).')
-          # Optimizer slots in the file are not needed; every model variable must be found.
-          checkpoint_layout.restore(self.checkpoint, latest, partial=True)
+        if not self.checkpoint_path and not self._restored_for_eval:
+          raise NoCheckpointError(
+              f'no checkpoint in {self.model_dir} to evaluate; train first (--mode=train), '
+              'point --model_dir at a trained run, or name one with --checkpoint_path (a '
+              'checkpoint or a model-zoo name).')
+        # The checkpoint restored in __init__.
         self.controller.evaluate(eval_steps)
       else:
         self._evaluate_continuously(eval_steps, eval_options.continuous_eval_timeout, total)
